@@ -1,0 +1,89 @@
+"""One epoch of DAMA pretraining."""
+import math
+from contextlib import nullcontext
+
+import torch
+
+import util.misc as misc
+from util.lr_sched import adjust_learning_rate
+
+LOSS_TERMS = ("loss", "loss_recon1", "loss_recon2", "loss_info")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when a loss term becomes NaN or infinite; nothing is saved after it."""
+
+
+def info_weight_for_epoch(epoch: int, args) -> float:
+    """The regression term is left out (weight 0) during the first --stable_epoch epochs."""
+    return 0.0 if epoch < args.stable_epoch else 1.0
+
+
+def check_finite(values: dict, epoch: int, step: int) -> None:
+    if not all(math.isfinite(v) for v in values.values()):
+        terms = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+        raise NonFiniteLossError(
+            f"non-finite loss at epoch {epoch}, step {step} ({terms}); stopping without saving. "
+            f"The last good checkpoint is kept; lower --blr or try --amp_dtype fp16/none.")
+
+
+def train_one_epoch(model, data_loader, optimizer, device, epoch, loss_scaler, log_writer=None, args=None):
+    """Train for one epoch and return the epoch's mean of each loss term (averaged over ranks) and lr.
+
+    Loss values stay on the device and are read back only every --print_freq steps (one host sync per
+    window instead of one per step); the non-finite check runs at the same points.
+    """
+    model.train()
+    metric_logger = misc.MetricLogger(delimiter="  ")
+    metric_logger.add_meter("lr", misc.SmoothedValue(window_size=1, fmt="{value:.6f}"))
+    header = f"Epoch: [{epoch}]"
+    accum_iter, print_freq = args.accum_iter, args.print_freq
+    num_steps = len(data_loader)
+    info_weight = info_weight_for_epoch(epoch, args)
+
+    window_sums = torch.zeros(len(LOSS_TERMS), device=device)  # [4] loss terms summed since the last read
+    epoch_sums = torch.zeros(len(LOSS_TERMS), dtype=torch.float64)
+    window_count, lr = 0, optimizer.param_groups[0]["lr"]
+    optimizer.zero_grad(set_to_none=True)
+    for step, (samples, _) in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
+        if step % accum_iter == 0:  # per-iteration schedule on the fractional epoch
+            lr = adjust_learning_rate(optimizer, epoch + step / num_steps, args)
+        samples = samples.to(device, non_blocking=True)
+        update_grad = (step + 1) % accum_iter == 0
+        # Skip DDP's gradient all-reduce on accumulation steps that do not update the weights.
+        sync_context = model.no_sync() if (args.distributed and not update_grad) else nullcontext()
+        with sync_context:
+            with misc.autocast_context(device, args.amp_dtype):
+                out = model(samples, info_weight=info_weight)
+            loss_scaler(out["loss"] / accum_iter, optimizer, parameters=model.parameters(), update_grad=update_grad)
+        if update_grad:
+            optimizer.zero_grad(set_to_none=True)
+        window_sums += torch.stack([out[k].detach().float() for k in LOSS_TERMS])
+        window_count += 1
+
+        if window_count and (step % print_freq == 0 or step == num_steps - 1):
+            means = dict(zip(LOSS_TERMS, (window_sums / window_count).tolist()))  # the one host sync
+            check_finite(means, epoch, step)
+            epoch_sums += window_sums.double().cpu()
+            for k, v in means.items():
+                metric_logger.meters[k].update(v, n=window_count)
+            metric_logger.update(lr=lr)
+            write_tensorboard(log_writer, means, lr, epoch + step / num_steps)
+            window_sums.zero_()
+            window_count = 0
+
+    stats = {k: misc.all_reduce_mean(v) for k, v in zip(LOSS_TERMS, (epoch_sums / max(num_steps, 1)).tolist())}
+    stats["lr"] = lr
+    print("Averaged stats:", "  ".join(f"{k}: {v:.4f}" for k, v in stats.items()))
+    return stats
+
+
+def write_tensorboard(log_writer, means: dict, lr: float, epoch_float: float) -> None:
+    """Losses (averaged over the window and over ranks) and lr, at x = 1000 * fractional epoch as in MAE."""
+    means = {k: misc.all_reduce_mean(v) for k, v in means.items()}
+    if log_writer is None:
+        return
+    x = int(epoch_float * 1000)
+    for k, v in means.items():
+        log_writer.add_scalar(f"train/{k}", v, x)
+    log_writer.add_scalar("train/lr", lr, x)

@@ -1,0 +1,185 @@
+"""DAMA pretraining (single process, torchrun, or SLURM through submitit_pretrain.py).
+
+    python main_pretrain.py --dataset synthetic --arch main_vit_tiny --img_size 64 --epochs 3 --batch_size 32
+"""
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+import models_dama
+import util.misc as misc
+from engine_pretrain import NonFiniteLossError, train_one_epoch
+from util.checkpoint import CheckpointError, find_resume_checkpoint, resume, save_model
+from util.datasets import DataError, build_pretrain_dataset, error_line
+from util.lr_decay import param_groups_weight_decay
+from util.lr_sched import resolve_lr
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("DAMA pretraining", add_help=False)
+    # Model
+    parser.add_argument("--arch", default="main_vit_base", type=str,
+                        help=f"model name, one of {sorted(models_dama.ENCODER_CONFIGS)}")
+    parser.add_argument("--img_size", default=224, type=int, help="input side in pixels (paper: 128)")
+    parser.add_argument("--patch_size", default=16, type=int)
+    parser.add_argument("--in_chans", default=7, type=int, help="image channels (7 for the brain-cell data)")
+    parser.add_argument("--mask_ratio", default=0.8, type=float, help="fraction of patches each student hides")
+    parser.add_argument("--mask_overlap_ratio", default=0.5, type=float,
+                        help="fraction of student 1's visible patches that student 2 also sees")
+    parser.add_argument("--mask_sampling", default="adaptive", choices=models_dama.MASK_SAMPLINGS,
+                        help="student 2's mask: by student 1's loss (DAMA) or at random (DAMA-rand)")
+    parser.add_argument("--last_k_blocks", default=6, type=int,
+                        help="student 2's last k blocks averaged into the regression target")
+    parser.add_argument("--norm_pix_loss", default=True, action=argparse.BooleanOptionalAction,
+                        help="reconstruct per-patch standardised pixels (default on)")
+    parser.add_argument("--loss_beta", default=2.0, type=float, help="smooth-L1 beta of the info loss (0: MSE)")
+    parser.add_argument("--loss_alpha", default=1.0, type=float, help="weight of the info loss")
+    parser.add_argument("--info_pairing", default="positional", choices=models_dama.INFO_PAIRINGS,
+                        help="tokens compared by the info loss: by sequence position (reference) or "
+                             "cls + shared patches (aligned)")
+    parser.add_argument("--info_reduction", default="sum", choices=models_dama.INFO_REDUCTIONS,
+                        help="info loss over tokens and batch: sum (reference) or mean")
+    parser.add_argument("--stable_epoch", default=0, type=int,
+                        help="train the reconstruction losses only for this many first epochs")
+    # Optimisation
+    parser.add_argument("--batch_size", default=64, type=int, help="images per GPU per step")
+    parser.add_argument("--epochs", default=500, type=int)
+    parser.add_argument("--warmup_epochs", default=40, type=int)
+    parser.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps")
+    parser.add_argument("--weight_decay", default=0.05, type=float)
+    parser.add_argument("--lr", default=None, type=float, help="absolute lr (overrides --blr)")
+    parser.add_argument("--blr", default=1.5e-4, type=float,
+                        help="base lr: lr = blr * batch_size * accum_iter * world_size / 256")
+    parser.add_argument("--min_lr", default=0.0, type=float)
+    parser.add_argument("--amp_dtype", default=None, choices=["bf16", "fp16", "none"],
+                        help="mixed precision (default: bf16 on cuda, none on cpu)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    # Data
+    parser.add_argument("--dataset", default="folder", choices=["folder", "synthetic"],
+                        help="'folder': images under --data_path; 'synthetic': built-in synthetic cells")
+    parser.add_argument("--data_path", default=None, type=str,
+                        help="dataset folder: <data_path>/train/<class>/*.tif, or a flat folder of images")
+    parser.add_argument("--synthetic_size", default=1024, type=int, help="number of synthetic images")
+    parser.add_argument("--num_workers", default=min(10, os.cpu_count() or 1), type=int)
+    parser.add_argument("--pin_mem", default=True, action=argparse.BooleanOptionalAction)
+    # Run
+    parser.add_argument("--output_dir", default="./output_dir", help="checkpoints and log.txt")
+    parser.add_argument("--log_dir", default=None, help="TensorBoard folder (default: --output_dir)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", default=0, type=int)
+    parser.add_argument("--resume", default="", help="checkpoint to resume from (default: "
+                                                     "<output_dir>/checkpoint.pth when it exists)")
+    parser.add_argument("--start_epoch", default=0, type=int)
+    parser.add_argument("--save_freq", default=50, type=int, help="keep checkpoint-<epoch>.pth every N epochs")
+    parser.add_argument("--print_freq", default=20, type=int, help="log every N steps")
+    misc.add_distributed_args(parser)
+    return parser
+
+
+def resolve_defaults(args):
+    """Fill the defaults that depend on the machine or on other flags."""
+    if args.amp_dtype is None:
+        args.amp_dtype = "bf16" if str(args.device).startswith("cuda") else "none"
+    args.log_dir = args.log_dir or args.output_dir
+    for flag in ("batch_size", "epochs", "accum_iter", "save_freq", "print_freq"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+
+
+def build_model(args):
+    return models_dama.build_model(
+        args.arch, img_size=args.img_size, patch_size=args.patch_size, in_chans=args.in_chans,
+        mask_ratio=args.mask_ratio, mask_overlap_ratio=args.mask_overlap_ratio, last_k_blocks=args.last_k_blocks,
+        loss_beta=args.loss_beta, loss_alpha=args.loss_alpha, norm_pix_loss=args.norm_pix_loss,
+        mask_sampling=args.mask_sampling, info_pairing=args.info_pairing, info_reduction=args.info_reduction)
+
+
+def build_loader(dataset, args):
+    """Shuffled, drop-last loader; a DistributedSampler in every mode so that set_epoch reshuffles."""
+    sampler = torch.utils.data.DistributedSampler(
+        dataset, num_replicas=args.world_size, rank=args.rank, shuffle=True, seed=args.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(
+        dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
+        pin_memory=args.pin_mem and str(args.device).startswith("cuda"), drop_last=True,
+        persistent_workers=args.num_workers > 0)
+    if len(loader) == 0:
+        raise DataError(f"the dataset has {len(dataset)} images, fewer than one batch per process "
+                        f"(--batch_size {args.batch_size} x {args.world_size} processes)")
+    return loader
+
+
+def main(args):
+    misc.init_distributed_mode(args)
+    resolve_defaults(args)
+    print(f"job dir: {Path(__file__).resolve().parent}")
+    print(json.dumps(vars(args), indent=1, default=str))
+    device = torch.device(args.device)
+    misc.seed_everything(args.seed)
+
+    model = build_model(args)  # config errors surface before any data is read
+    dataset = build_pretrain_dataset(args)
+    print(f"dataset: {len(dataset)} images")
+    data_loader = build_loader(dataset, args)
+    model.to(device)
+    model_without_ddp = model
+    print(f"model: {args.arch}, {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M "
+          f"trainable parameters; {model.num_visible} of {model.num_patches} patches visible per student, "
+          f"{model.num_overlap} shared")
+
+    eff_batch_size = args.batch_size * args.accum_iter * args.world_size
+    resolve_lr(args, args.world_size)
+    print(f"base lr: {args.lr * 256 / eff_batch_size:.2e}, actual lr: {args.lr:.2e}, "
+          f"effective batch size: {eff_batch_size}")
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[args.local_rank] if device.type == "cuda" else None, find_unused_parameters=False)
+    param_groups = param_groups_weight_decay(model_without_ddp, args.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    loss_scaler = misc.LossScaler(args.amp_dtype, device.type)
+    find_resume_checkpoint(args)
+    resume(args, model_without_ddp, optimizer, loss_scaler)
+    train_model = torch.compile(model) if args.compile else model
+
+    log_writer = SummaryWriter(log_dir=args.log_dir) if misc.is_main_process() else None
+    print(f"Start training for {args.epochs} epochs from epoch {args.start_epoch}")
+    start_time = time.time()
+    for epoch in range(args.start_epoch, args.epochs):
+        # Seeding per epoch makes a resumed run draw the same masks and augmentations as an uninterrupted one.
+        misc.seed_everything(args.seed + 10007 * epoch)
+        data_loader.sampler.set_epoch(epoch)
+        stats = train_one_epoch(train_model, data_loader, optimizer, device, epoch, loss_scaler, log_writer, args)
+        save_model(args, epoch, model_without_ddp, optimizer, loss_scaler)
+        if (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs:
+            save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, name=epoch)
+        misc.append_json_log(args.output_dir, {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch})
+        if log_writer is not None:
+            log_writer.flush()
+    total = datetime.timedelta(seconds=int(time.time() - start_time))
+    print(f"Training time {total}")
+    if log_writer is not None:
+        log_writer.close()
+
+
+def run(args):
+    """main() with user errors reported as one line and a non-zero exit code."""
+    try:
+        main(args)
+    except (DataError, CheckpointError, NonFiniteLossError, ValueError) as exc:
+        sys.stderr.write(f"error: {error_line(exc)}\n")
+        sys.exit(1)
+    finally:
+        misc.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    args = argparse.ArgumentParser("DAMA pretraining", parents=[get_args_parser()]).parse_args()
+    if args.output_dir:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    run(args)

@@ -1,0 +1,355 @@
+"""Tests of util/datasets.py: reading, augmentation, synthetic cells, builders and error messages."""
+import time
+from argparse import Namespace
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+from torchvision.transforms import InterpolationMode, v2
+
+from util import datasets
+from util.datasets import (DataError, SyntheticCells, build_finetune_dataset, build_finetune_transform,
+                           build_pretrain_dataset, build_pretrain_transform, error_line, read_image)
+
+
+def make_args(**overrides) -> Namespace:
+    args = dict(dataset="folder", data_path=None, img_size=32, in_chans=7, synthetic_size=20, seed=0)
+    args.update(overrides)
+    return Namespace(**args)
+
+
+def stage(transform, kind):
+    """The one step of type `kind` inside a TensorTransform's v2 pipeline."""
+    (found,) = [step for step in transform.pipeline.transforms if isinstance(step, kind)]
+    return found
+
+
+# ---------------------------------------------------------------- reading files
+
+@pytest.mark.parametrize("layout", ["channel_first", "planar"])
+def test_channel_first_and_channel_last_tiffs_read_the_same(tmp_path, write_image, layout):
+    array = np.random.default_rng(0).integers(0, 65536, (7, 12, 20)).astype(np.uint16)  # H != W catches swaps
+    last = read_image(write_image(tmp_path / "last.tif", array, "channel_last"))
+    first = read_image(write_image(tmp_path / "first.tiff", array, layout))
+    assert last.shape == (7, 12, 20) and last.dtype == torch.float32
+    torch.testing.assert_close(first, last, rtol=0, atol=0)
+    torch.testing.assert_close(last, torch.from_numpy(array.astype(np.float32) / 65535))
+
+
+def test_two_dimensional_tiff_has_one_channel(tmp_path, write_image):
+    array = np.arange(6 * 5, dtype=np.uint8).reshape(1, 6, 5)
+    image = read_image(write_image(tmp_path / "grey.TIF", array))
+    assert image.shape == (1, 6, 5)
+    torch.testing.assert_close(image, torch.from_numpy(array / 255.0).float())
+
+
+@pytest.mark.parametrize("dtype, scale", [("uint8", 255.0), ("uint16", 65535.0), ("float32", 1.0)])
+def test_pixel_types_are_scaled_by_their_range(tmp_path, write_image, dtype, scale):
+    array = np.zeros((3, 4, 4), dtype)
+    array[0, 0, 0], array[1, 1, 1] = (0.5, 2.5) if dtype == "float32" else (1, np.iinfo(dtype).max)
+    image = read_image(write_image(tmp_path / "x.tif", array))
+    torch.testing.assert_close(image, torch.from_numpy(array.astype(np.float64) / scale).float())
+    if dtype != "float32":
+        assert image.max() == 1.0  # full scale maps to exactly 1
+
+
+def test_float_tiff_values_are_not_rescaled(tmp_path, write_image):
+    array = np.full((2, 3, 3), -4.25, np.float32)
+    assert read_image(write_image(tmp_path / "f.tif", array)).min() == -4.25
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_png_grey_and_rgb(tmp_path, write_image, channels):
+    array = np.random.default_rng(1).integers(0, 256, (channels, 5, 7)).astype(np.uint8)
+    image = read_image(write_image(tmp_path / "x.PNG", array, "png"))
+    torch.testing.assert_close(image, torch.from_numpy(array / 255.0).float())
+
+
+def test_sixteen_bit_png_keeps_its_range(tmp_path, write_image):
+    array = np.array([[[0, 1000, 65535]]], np.uint16)
+    image = read_image(write_image(tmp_path / "x.png", array, "png"))
+    torch.testing.assert_close(image, torch.from_numpy(array / 65535.0).float())
+
+
+def test_jpeg_rgb_reads_as_three_channels(tmp_path, write_image):
+    array = np.full((3, 8, 8), 200, np.uint8)
+    image = read_image(write_image(tmp_path / "x.jpeg", array, "jpeg"))
+    assert image.shape == (3, 8, 8) and abs(image.mean().item() - 200 / 255) < 0.02  # lossy, nearly exact
+
+
+# ---------------------------------------------------------------- augmentation
+
+@pytest.mark.parametrize("channels, size", [(7, 32), (3, 64), (1, 16)])
+def test_pretrain_transform_output_shape(channels, size):
+    out = build_pretrain_transform(size)(torch.rand(channels, size + 5, size))
+    assert out.shape == (channels, size, size) and out.dtype == torch.float32
+
+
+def test_random_crop_is_a_half_size_window_at_random_positions():
+    torch.manual_seed(0)
+    image = torch.arange(32 * 32, dtype=torch.float32).reshape(1, 32, 32)  # every pixel unique
+    crop = stage(build_pretrain_transform(32), v2.RandomCrop)
+    corners = set()
+    for _ in range(20):
+        window = crop(image)
+        top, left = divmod(int(window[0, 0, 0]), 32)
+        assert torch.equal(window, image[:, top:top + 16, left:left + 16])
+        corners.add((top, left))
+    assert len(corners) > 10
+
+
+def test_rotation_fills_corners_with_zeros_and_varies():
+    torch.manual_seed(0)
+    rotate = stage(build_pretrain_transform(32), v2.RandomRotation)
+    outputs = [rotate(torch.ones(7, 32, 32)) for _ in range(10)]
+    for out in outputs:
+        assert out[:, 16, 16].eq(1).all()  # the centre stays inside the image
+    assert sum(bool(out[:, 0, 0].eq(0).all()) for out in outputs) >= 8  # corners of a rotated image are fill
+    assert len({out.sum().item() for out in outputs}) == 10  # every draw rotates by a different angle
+
+
+def test_shift_moves_the_image_with_zero_fill():
+    torch.manual_seed(0)
+    shift = stage(build_pretrain_transform(40), v2.RandomAffine)
+    outputs = [shift(torch.ones(2, 40, 40)) for _ in range(10)]
+    zero_rows = [int(out[0].eq(0).all(dim=1).sum()) for out in outputs]
+    assert max(zero_rows) <= 12 and len(set(zero_rows)) > 3  # up to 30% of 40 px, random amount
+
+
+def test_flips_happen_about_half_the_time():
+    torch.manual_seed(0)
+    image = torch.arange(16, dtype=torch.float32).reshape(1, 4, 4)
+    flip = stage(build_pretrain_transform(4), v2.RandomHorizontalFlip)
+    flipped = sum(torch.equal(flip(image), image.flip(-1)) for _ in range(200))
+    assert 70 < flipped < 130
+
+
+def test_pretrain_transform_draws_differ_and_follow_the_torch_seed():
+    transform, image = build_pretrain_transform(32), torch.rand(7, 48, 48)
+    torch.manual_seed(3)
+    first = [transform(image) for _ in range(5)]
+    torch.manual_seed(3)
+    again = [transform(image) for _ in range(5)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert all(not torch.equal(first[i], first[j]) for i in range(5) for j in range(i + 1, 5))
+
+
+def test_val_transform_is_a_deterministic_centre_crop_and_resize():
+    image = torch.rand(7, 60, 60)
+    transform = build_finetune_transform(False, 32, val_crop=48)
+    out = transform(image)
+    assert out.shape == (7, 32, 32) and torch.equal(out, transform(image))
+    expected = v2.functional.resize(image[:, 6:54, 6:54], [32, 32], interpolation=InterpolationMode.BICUBIC)
+    torch.testing.assert_close(out, expected)
+
+
+# ---------------------------------------------------------------- synthetic cells
+
+def test_synthetic_cells_are_deterministic_per_index_and_seed():
+    a, b = SyntheticCells(10, 32, seed=1), SyntheticCells(10, 32, seed=1)
+    assert np.array_equal(a.render(4), b.render(4))
+    assert not np.array_equal(a.render(4), a.render(9))
+    assert not np.array_equal(a.render(4), SyntheticCells(10, 32, seed=2).render(4))
+    assert not np.array_equal(a.render(4), SyntheticCells(10, 32, seed=1, split="val").render(4))
+
+
+@pytest.mark.parametrize("in_chans, num_classes", [(7, 5), (3, 3), (1, 2)])
+def test_synthetic_cells_shape_range_and_balanced_labels(in_chans, num_classes):
+    data = SyntheticCells(30, 24, in_chans=in_chans, num_classes=num_classes)
+    images, labels = zip(*(data[i] for i in range(len(data))))
+    stacked = torch.stack(images)
+    assert stacked.shape == (30, in_chans, 24, 24) and stacked.dtype == torch.float32
+    assert stacked.min() >= 0 and stacked.max() <= 1 and stacked.std() > 0.01
+    assert np.bincount(labels).tolist() == [30 // num_classes] * num_classes
+    assert data.classes == list(datasets.CELL_TYPES[:num_classes])
+
+
+def test_synthetic_cells_are_fast():
+    data = SyntheticCells(40, 64)
+    data.render(0)
+    start = time.perf_counter()
+    for i in range(40):
+        data.render(i)
+    assert (time.perf_counter() - start) / 40 < 0.01  # typically ~1 ms
+
+
+def synthetic_features(data: SyntheticCells) -> tuple:
+    """Per-channel means of the whole image and of its central quarter, with the labels."""
+    images = np.stack([data.render(i) for i in range(len(data))])  # [N, 7, S, S]
+    side = data.img_size // 4
+    centre = images[:, :, side:-side, side:-side]
+    features = np.concatenate([images.mean(axis=(2, 3)), centre.mean(axis=(2, 3))], axis=1)
+    return features, np.array([data.label(i) for i in range(len(data))])
+
+
+def test_synthetic_cell_types_are_learnable_but_not_trivial():
+    train_x, train_y = synthetic_features(SyntheticCells(250, 48, split="train"))
+    val_x, val_y = synthetic_features(SyntheticCells(100, 48, split="val"))
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    train_x, val_x = (train_x - mean) / std, (val_x - mean) / std
+    centroids = np.stack([train_x[train_y == k].mean(0) for k in range(5)])
+    predicted = np.argmin(((val_x[:, None] - centroids[None]) ** 2).sum(-1), axis=1)
+    accuracy = (predicted == val_y).mean()
+    assert 0.6 < accuracy < 1.0  # chance is 0.2; dim markers and neighbours keep it below 1
+
+
+def test_synthetic_marker_channels_light_up_by_cell_type():
+    features, labels = synthetic_features(SyntheticCells(100, 32))
+    centre_means = features[:, 7:]
+    marker_of_type = {0: datasets.NEUN, 1: datasets.S100, 2: datasets.OLIG2, 3: datasets.IBA1, 4: datasets.RECA1}
+    for cell_type, marker in marker_of_type.items():
+        own = centre_means[labels == cell_type, marker].mean()
+        others = centre_means[labels != cell_type, marker].mean()
+        assert own > 2 * others, datasets.CELL_TYPES[cell_type]
+
+
+# ---------------------------------------------------------------- builders
+
+def test_pretrain_folder_dataset_from_class_folders(make_image_folder):
+    root = make_image_folder(classes=("x", "y"), n_per_class=3, size=20, layout="channel_first")
+    data = build_pretrain_dataset(make_args(data_path=str(root), img_size=32))
+    image, _ = data[5]
+    assert len(data) == 6 and image.shape == (7, 32, 32) and data.classes == ["x", "y"]
+
+
+@pytest.mark.parametrize("split", ["train", ""])
+def test_pretrain_accepts_a_flat_folder(make_image_folder, split):
+    root = make_image_folder(n_per_class=4, size=16, channels=3, dtype="uint8", layout="png",
+                             splits=(split,), flat=True)
+    data = build_pretrain_dataset(make_args(data_path=str(root), img_size=16, in_chans=3))
+    assert len(data) == 4 and data[3][0].shape == (3, 16, 16)
+
+
+def test_finetune_folder_datasets_share_train_class_indices(make_image_folder):
+    root = make_image_folder(classes=("a", "b", "c"), n_per_class=2, size=50)
+    args = make_args(data_path=str(root), img_size=32)
+    train = build_finetune_dataset(True, args)
+    for missing in (root / "val" / "a").iterdir():  # a val set without class 'a' must keep b=1, c=2
+        missing.unlink()
+    (root / "val" / "a").rmdir()
+    val = build_finetune_dataset(False, args)
+    assert train.classes == val.classes == ["a", "b", "c"]
+    assert [label for _, label in train.samples] == [0, 0, 1, 1, 2, 2]
+    assert [label for _, label in val.samples] == [1, 1, 2, 2]
+    image, label = val[0]
+    assert image.shape == (7, 32, 32) and label == 1
+
+
+def test_synthetic_builders_make_disjoint_train_and_val():
+    args = make_args(dataset="synthetic", img_size=32, synthetic_size=20)
+    pretrain, train, val = build_pretrain_dataset(args), build_finetune_dataset(True, args), \
+        build_finetune_dataset(False, args)
+    assert len(pretrain) == len(train) == 20 and len(val) == 5 and train.classes == val.classes
+    assert train[0][0].shape == val[0][0].shape == (7, 32, 32)
+    train_images = [train.render(i) for i in range(20)]
+    assert not any(np.array_equal(val.render(i), image) for i in range(5) for image in train_images)
+    assert val.transform.min_side == 32  # val crop min(48, img_size): the whole synthetic image
+
+
+def test_dataset_defaults_to_folder_when_a_data_path_is_given(make_image_folder):
+    root = make_image_folder(size=16)
+    data = build_pretrain_dataset(make_args(dataset=None, data_path=str(root), img_size=16))
+    assert isinstance(data, datasets.ImageFileDataset)
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_missing_data_path_names_the_flag(tmp_path):
+    with pytest.raises(DataError, match=r"--data_path.*nowhere"):
+        build_pretrain_dataset(make_args(data_path=str(tmp_path / "nowhere")))
+    with pytest.raises(DataError, match="--data_path"):
+        build_finetune_dataset(True, make_args(data_path=None))
+
+
+def test_missing_val_folder_names_it(make_image_folder):
+    root = make_image_folder(splits=("train",))
+    with pytest.raises(DataError, match=r"--data_path.*val"):
+        build_finetune_dataset(False, make_args(data_path=str(root)))
+
+
+def test_empty_folder_names_it_and_the_extensions(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "notes.txt").write_text("not an image")
+    with pytest.raises(DataError, match=r"train.*no images.*\.tif, \.tiff, \.png"):
+        build_pretrain_dataset(make_args(data_path=str(tmp_path)))
+
+
+def test_empty_class_folder_names_it(make_image_folder):
+    root = make_image_folder()
+    (root / "train" / "empty_class").mkdir()
+    with pytest.raises(DataError, match="empty_class.*no images"):
+        build_finetune_dataset(True, make_args(data_path=str(root)))
+
+
+def test_corrupt_tiff_names_the_file(tmp_path):
+    bad = tmp_path / "train" / "cls" / "x.tif"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"this is not a TIFF file" * 10)
+    with pytest.raises(DataError, match=r"x\.tif: cannot read TIFF"):
+        read_image(bad)
+    with pytest.raises(DataError, match=r"x\.tif"):
+        build_pretrain_dataset(make_args(data_path=str(tmp_path)))
+
+
+def test_corrupt_png_names_the_file(tmp_path):
+    (tmp_path / "y.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 30)
+    with pytest.raises(DataError, match=r"y\.png: cannot read image"):
+        read_image(tmp_path / "y.png")
+
+
+def test_wrong_channel_count_names_file_channels_and_flag(make_image_folder):
+    root = make_image_folder(channels=5, size=16)
+    with pytest.raises(DataError, match=r"a_0\.tif: image has 5 channel\(s\) but --in_chans is 7"):
+        build_pretrain_dataset(make_args(data_path=str(root), img_size=16))
+
+
+def test_channel_error_shows_the_tiff_axes(tmp_path, write_image):
+    # a height x width x channel array written as pages: 16 "channels" of 16 x 7 pixels
+    path = write_image(tmp_path / "pages.tif", np.zeros((16, 16, 7), np.uint16), "channel_first")
+    with pytest.raises(DataError, match=r"pages\.tif: image has 16 channel.*axes '\w*YX', shape \(16, 16, 7\)"):
+        datasets.check_image(read_image(path), path, in_chans=7, min_side=4)
+
+
+def test_image_smaller_than_the_crop_names_file_and_sizes(make_image_folder):
+    root = make_image_folder(size=(40, 20))
+    with pytest.raises(DataError, match=r"a_0\.tif: image is 40x20 pixels, smaller than the 24x24 crop"):
+        build_pretrain_dataset(make_args(data_path=str(root), img_size=48))
+    with pytest.raises(DataError, match=r"a_0\.tif: image is 40x20 pixels, smaller than the 48x48 crop"):
+        build_finetune_dataset(False, make_args(data_path=str(root), img_size=48))
+
+
+def test_unsupported_pixel_type_names_the_file(tmp_path, write_image):
+    path = write_image(tmp_path / "int.tif", np.zeros((2, 4, 4), np.int32))
+    with pytest.raises(DataError, match=r"int\.tif: unsupported pixel type int32"):
+        read_image(path)
+
+
+def test_each_file_is_checked_again_when_loaded(make_image_folder, write_image):
+    root = make_image_folder(size=16)
+    write_image(root / "train" / "b" / "b_1.tif", np.zeros((4, 16, 16), np.uint16))
+    data = build_pretrain_dataset(make_args(data_path=str(root), img_size=16))  # the first file is fine
+    with pytest.raises(DataError, match=r"b_1\.tif: image has 4 channel"):
+        data[3]
+
+
+# ---------------------------------------------------------------- error_line
+
+def test_error_line_gives_the_original_message_from_a_dataloader_worker(make_image_folder, tmp_path):
+    root = make_image_folder(classes=("a",), n_per_class=1, size=16, splits=("train",))
+    bad = root / "train" / "a" / "z.tif"
+    bad.write_bytes(b"garbage" * 20)
+    data = build_pretrain_dataset(make_args(data_path=str(root), img_size=16))
+    with pytest.raises(DataError) as direct:
+        data[1]
+    with pytest.raises(DataError) as from_worker:
+        list(DataLoader(data, batch_size=1, num_workers=1))
+    assert "DataLoader worker process" in str(from_worker.value)  # torch wrapped it with the worker traceback
+    assert error_line(from_worker.value) == error_line(direct.value) == str(direct.value)
+    assert "z.tif: cannot read TIFF" in error_line(from_worker.value)
+
+
+def test_error_line_of_other_exceptions_keeps_the_type_on_one_line():
+    assert error_line(RuntimeError("two\n  lines")) == "RuntimeError: two lines"
+    assert error_line(KeyError()) == "KeyError"
+    assert error_line(DataError("bad file")) == "bad file"

@@ -1,0 +1,356 @@
+"""Distributed setup, metric logging, mixed precision and small run helpers (MAE conventions, torch 2.x APIs)."""
+import builtins
+import datetime
+import json
+import math
+import os
+import random
+import time
+from collections import defaultdict, deque
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+# The interpreter's own print, kept so that the override below can be installed (and undone) any number of times.
+_BUILTIN_PRINT = builtins.print
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Distributed setup
+# ----------------------------------------------------------------------------------------------------------------
+def add_distributed_args(parser):
+    """Add MAE's distributed flags to an argparse parser and return it."""
+    parser.add_argument("--world_size", default=1, type=int, help="number of processes (set by the launcher)")
+    # torch.distributed.launch passes --local-rank; torchrun and submitit use the LOCAL_RANK variable instead
+    parser.add_argument("--local_rank", "--local-rank", dest="local_rank", default=-1, type=int)
+    parser.add_argument("--dist_on_itp", action="store_true", help="take ranks from OpenMPI (OMPI_COMM_WORLD_*)")
+    parser.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
+    return parser
+
+
+def _launcher_env(args):
+    """(rank, world_size, local_rank, dist_url) given by the launcher, or None for a single-process run."""
+    env = os.environ
+    if getattr(args, "dist_on_itp", False):
+        needed = ["OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
+                  "MASTER_ADDR", "MASTER_PORT"]
+        missing = [name for name in needed if name not in env]
+        if missing:
+            raise ValueError(f"--dist_on_itp needs the environment variables {', '.join(missing)}")
+        rank, world_size = int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"])
+        local_rank = int(env["OMPI_COMM_WORLD_LOCAL_RANK"])
+        # later code (and child processes) read the torchrun names
+        env.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
+        return rank, world_size, local_rank, f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}"
+    # torchrun, and submitit through TorchDistributedEnvironment().export(), set these
+    if "RANK" in env and "WORLD_SIZE" in env:
+        dist_url = getattr(args, "dist_url", None) or "env://"
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), dist_url
+    return None
+
+
+def _default_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def init_distributed_mode(args):
+    """Join the process group described by the launcher's environment, or set up a single-process run.
+
+    Sets args.distributed, args.rank, args.world_size, args.local_rank, args.dist_backend (and args.device on
+    cuda). Afterwards print() is silent on every rank but 0 unless called with force=True.
+    """
+    device = str(getattr(args, "device", None) or _default_device())
+    launch = _launcher_env(args)
+    if launch is None:
+        args.distributed, args.rank, args.world_size, args.local_rank, args.dist_backend = False, 0, 1, 0, None
+        args.device = device
+        setup_for_distributed(is_master=True)
+        print("Not using distributed mode")
+        return
+    rank, world_size, local_rank, dist_url = launch
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    if backend == "nccl":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device} was asked for but CUDA is not available; use --device cpu")
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    args.distributed, args.rank, args.world_size, args.local_rank = True, rank, world_size, local_rank
+    args.dist_backend, args.dist_url, args.device = backend, dist_url, device
+    print(f"| distributed init (rank {rank}/{world_size}): {backend}", flush=True)
+    dist.init_process_group(backend=backend, init_method=dist_url, world_size=world_size, rank=rank)
+    # nccl would otherwise guess which GPU to use for the barrier (and warn about it)
+    dist.barrier(device_ids=[local_rank] if backend == "nccl" else None)
+    setup_for_distributed(is_master=rank == 0)
+
+
+def setup_for_distributed(is_master: bool):
+    """Replace print(): time-stamped lines, silent on non-master ranks unless force=True is passed."""
+
+    def print_with_rank_filter(*args, **kwargs):
+        force = kwargs.pop("force", False)
+        if not (is_master or force):
+            return
+        if "file" in kwargs:  # writing to a file: no time stamp in its content
+            _BUILTIN_PRINT(*args, **kwargs)
+        else:
+            _BUILTIN_PRINT(f"[{datetime.datetime.now():%Y-%m-%d %H:%M:%S}]", *args, **kwargs)
+
+    builtins.print = print_with_rank_filter
+
+
+def cleanup_distributed():
+    """Leave the process group (if any) and give print() back its normal behaviour."""
+    if is_dist_avail_and_initialized():
+        dist.destroy_process_group()
+    builtins.print = _BUILTIN_PRINT
+
+
+def is_dist_avail_and_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist_avail_and_initialized() else 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist_avail_and_initialized() else 0
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def seed_everything(seed: int) -> int:
+    """Seed torch, numpy and random with seed + rank (so ranks draw different masks/augmentations)."""
+    seed = int(seed) + get_rank()
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)  # numpy only accepts 32-bit seeds
+    random.seed(seed)
+    return seed
+
+
+def _comm_device() -> torch.device:
+    """Where tensors must live for collectives: nccl only reduces GPU tensors."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_mean(value) -> float:
+    """Mean of a scalar (python number or 0-dim/1-element tensor) over all ranks, as a float.
+
+    A tensor is reduced where it lives, so a GPU value costs a single host sync (the final .item()).
+    """
+    if not is_dist_avail_and_initialized():
+        return value.item() if torch.is_tensor(value) else float(value)
+    if torch.is_tensor(value):
+        total = value.detach().to(dtype=torch.float64, copy=True).reshape(())  # copy: all_reduce works in place
+    else:
+        total = torch.tensor(float(value), dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(total)
+    return (total / get_world_size()).item()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metric logging
+# ----------------------------------------------------------------------------------------------------------------
+class SmoothedValue:
+    """A series of values: median/avg over a sliding window, and a global average over everything seen."""
+
+    def __init__(self, window_size: int = 20, fmt: str | None = None):
+        self.deque = deque(maxlen=window_size)
+        self.total = 0.0
+        self.count = 0
+        self.fmt = fmt or "{median:.4f} ({global_avg:.4f})"
+
+    def update(self, value, n: int = 1):
+        if torch.is_tensor(value):
+            value = value.item()
+        self.deque.append(value)
+        self.count += n
+        self.total += value * n
+
+    def synchronize_between_processes(self):
+        """Sum count and total over ranks so global_avg is the all-rank average (the window stays local)."""
+        if not is_dist_avail_and_initialized():
+            return
+        count_total = torch.tensor([self.count, self.total], dtype=torch.float64, device=_comm_device())
+        dist.all_reduce(count_total)
+        self.count, self.total = int(count_total[0].item()), count_total[1].item()
+
+    @property
+    def median(self) -> float:
+        return float(np.median(self.deque)) if self.deque else math.nan
+
+    @property
+    def avg(self) -> float:
+        return float(np.mean(self.deque)) if self.deque else math.nan
+
+    @property
+    def global_avg(self) -> float:
+        return self.total / self.count if self.count else math.nan
+
+    @property
+    def max(self) -> float:
+        return max(self.deque) if self.deque else math.nan
+
+    @property
+    def value(self) -> float:
+        return self.deque[-1] if self.deque else math.nan
+
+    def __str__(self):
+        return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg, max=self.max,
+                               value=self.value)
+
+
+class MetricLogger:
+    """Named SmoothedValues plus a loop wrapper that prints progress with an ETA."""
+
+    def __init__(self, delimiter: str = "  "):
+        self.meters = defaultdict(SmoothedValue)
+        self.delimiter = delimiter
+
+    def update(self, **kwargs):
+        """Add one value per meter; tensors are read with .item() (a host sync: callers choose when)."""
+        for name, value in kwargs.items():
+            if value is None:
+                continue
+            if torch.is_tensor(value) or isinstance(value, np.generic):
+                value = value.item()
+            if not isinstance(value, (int, float)):
+                raise TypeError(f"MetricLogger.update: {name} must be a number or a 0-dim tensor, "
+                                f"got {type(value).__name__}")
+            self.meters[name].update(value)
+
+    def __getattr__(self, name):
+        # only called when normal lookup fails: lets callers write logger.loss
+        meters = self.__dict__.get("meters", {})
+        if name in meters:
+            return meters[name]
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+
+    def __str__(self):
+        return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
+
+    def synchronize_between_processes(self):
+        for meter in self.meters.values():
+            meter.synchronize_between_processes()
+
+    def add_meter(self, name: str, meter: SmoothedValue):
+        self.meters[name] = meter
+
+    def log_every(self, iterable, print_freq: int, header: str | None = None):
+        """Yield the items of `iterable`, printing progress every `print_freq` items and a total at the end."""
+        header = header or ""
+        num_items = len(iterable)
+        width = len(str(num_items))
+        iter_time = SmoothedValue(fmt="{avg:.4f}")
+        data_time = SmoothedValue(fmt="{avg:.4f}")
+        start = end = time.time()
+        for i, obj in enumerate(iterable):
+            data_time.update(time.time() - end)
+            yield obj
+            iter_time.update(time.time() - end)
+            if i % print_freq == 0 or i == num_items - 1:
+                eta_seconds = iter_time.global_avg * (num_items - 1 - i)
+                parts = [header, f"[{i:>{width}}/{num_items}]",
+                         f"eta: {datetime.timedelta(seconds=int(eta_seconds))}", str(self),
+                         f"time: {iter_time}", f"data: {data_time}"]
+                if torch.cuda.is_available():
+                    parts.append(f"max mem: {torch.cuda.max_memory_allocated() / 2**20:.0f}")
+                print(self.delimiter.join(p for p in parts if p))
+            end = time.time()
+        total = time.time() - start
+        print(f"{header} Total time: {datetime.timedelta(seconds=int(total))} "
+              f"({total / max(num_items, 1):.4f} s / it)")
+
+
+def append_json_log(output_dir, stats: dict):
+    """Append `stats` as one JSON line to <output_dir>/log.txt (main process only)."""
+    if not output_dir or not is_main_process():
+        return
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "log.txt"), "a", encoding="utf-8") as f:
+        f.write(json.dumps(stats, default=_json_default) + "\n")
+        f.flush()
+
+
+def _json_default(value):
+    """Numbers from torch/numpy become python numbers; anything else its string."""
+    if torch.is_tensor(value) or isinstance(value, np.generic):
+        return value.item()
+    return str(value)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Mixed precision
+# ----------------------------------------------------------------------------------------------------------------
+def _check_amp_dtype(amp_dtype: str):
+    if amp_dtype not in AMP_DTYPES:
+        raise ValueError(f"--amp_dtype must be one of {sorted(AMP_DTYPES)}, got {amp_dtype!r}")
+
+
+def _device_type(device) -> str:
+    return torch.device(device).type
+
+
+def autocast_context(device, amp_dtype: str):
+    """torch.autocast for 'bf16' (cuda or cpu) and 'fp16' (cuda only); a no-op context for 'none'."""
+    _check_amp_dtype(amp_dtype)
+    device_type = _device_type(device)
+    if amp_dtype == "none":
+        return nullcontext()
+    if amp_dtype == "fp16" and device_type != "cuda":
+        # without a grad scaler (cuda only here) fp16 gradients underflow
+        raise ValueError(f"--amp_dtype fp16 needs a cuda device, got --device {device}; use bf16 or none")
+    return torch.autocast(device_type=device_type, dtype=AMP_DTYPES[amp_dtype])
+
+
+class LossScaler:
+    """Backward + optimizer step, with torch.amp.GradScaler loss scaling when training in fp16 on cuda.
+
+    bf16 and fp32 need no scaling: the scaler is then disabled and every call is a plain backward/step.
+    """
+
+    state_dict_key = "amp_scaler"
+
+    def __init__(self, amp_dtype: str = "none", device_type="cuda"):
+        _check_amp_dtype(amp_dtype)
+        device_type = _device_type(device_type)
+        enabled = amp_dtype == "fp16" and device_type == "cuda"
+        self._scaler = torch.amp.GradScaler(device_type, enabled=enabled)
+
+    @property
+    def enabled(self) -> bool:
+        return self._scaler.is_enabled()
+
+    def __call__(self, loss, optimizer, clip_grad=None, parameters=None, update_grad=True):
+        """Scaled backward; when `update_grad`, optionally clip (None or 0: off), then step and update the scale.
+
+        Returns the gradient norm before clipping (a tensor) when clipping, else None: measuring the norm
+        without using it would cost a pass over all gradients.
+        """
+        self._scaler.scale(loss).backward()
+        if not update_grad:  # gradient accumulation: keep summing gradients
+            return None
+        grad_norm = None
+        if clip_grad:
+            if parameters is None:
+                parameters = [p for group in optimizer.param_groups for p in group["params"]]
+            self._scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, clip_grad)
+        self._scaler.step(optimizer)  # skips the step if fp16 gradients overflowed
+        self._scaler.update()
+        return grad_norm
+
+    def state_dict(self) -> dict:
+        return self._scaler.state_dict()
+
+    def load_state_dict(self, state_dict: dict):
+        # a checkpoint from a bf16/fp32 run holds an empty state: an fp16 run then starts from a fresh scale
+        if state_dict:
+            self._scaler.load_state_dict(state_dict)
