@@ -74,7 +74,7 @@ def train_one_epoch(model, data_loader, optimizer, device, epoch, loss_scaler, l
 
     stats = {k: misc.all_reduce_mean(v) for k, v in zip(LOSS_TERMS, (epoch_sums / max(num_steps, 1)).tolist())}
     stats["lr"] = lr
-    print("Averaged stats:", "  ".join(f"{k}: {v:.4f}" for k, v in stats.items()))
+    print("Averaged stats:", "  ".join(f"{k}: {v:.4g}" for k, v in stats.items()))
     return stats
 
 
