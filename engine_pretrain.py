@@ -27,11 +27,13 @@ def check_finite(values: dict, epoch: int, step: int) -> None:
             f"The last good checkpoint is kept; lower --blr or try --amp_dtype fp16/none.")
 
 
-def train_one_epoch(model, data_loader, optimizer, device, epoch, loss_scaler, log_writer=None, args=None):
+def train_one_epoch(model, data_loader, optimizer, device, epoch, loss_scaler, log_writer=None, args=None,
+                    batch_transform=None):
     """Train for one epoch and return the epoch's mean of each loss term (averaged over ranks) and lr.
 
     Loss values stay on the device and are read back only every --print_freq steps (one host sync per
     window instead of one per step); the non-finite check runs at the same points.
+    batch_transform, when given, maps each batch once it is on the device (the --gpu_augment path).
     """
     model.train()
     metric_logger = misc.MetricLogger(delimiter="  ")
@@ -49,6 +51,8 @@ def train_one_epoch(model, data_loader, optimizer, device, epoch, loss_scaler, l
         if step % accum_iter == 0:  # per-iteration schedule on the fractional epoch
             lr = adjust_learning_rate(optimizer, epoch + step / num_steps, args)
         samples = samples.to(device, non_blocking=True)
+        if batch_transform is not None:  # e.g. util.gpu_augment.GPUAugment: augmentation on the device
+            samples = batch_transform(samples)
         update_grad = (step + 1) % accum_iter == 0
         # Skip DDP's gradient all-reduce on accumulation steps that do not update the weights.
         sync_context = model.no_sync() if (args.distributed and not update_grad) else nullcontext()

@@ -18,15 +18,18 @@ import util.misc as misc
 from engine_pretrain import NonFiniteLossError, train_one_epoch
 from util.checkpoint import CheckpointError, find_resume_checkpoint, resume, save_model
 from util.datasets import DataError, build_pretrain_dataset, error_line
+from util.gpu_augment import GPUAugment, build_gpu_pretrain_dataset
+from util.knn import KnnMonitor, add_knn_args
 from util.lr_decay import param_groups_weight_decay
 from util.lr_sched import resolve_lr
+from util.visualize import write_training_figure
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser("DAMA pretraining", add_help=False)
     # Model
     parser.add_argument("--arch", default="main_vit_base", type=str,
-                        help=f"model name, one of {sorted(models_dama.ENCODER_CONFIGS)}")
+                        help=f"model name, one of {sorted(models_dama.ARCH_CONFIGS)} (mae_*: the MAE baseline)")
     parser.add_argument("--img_size", default=224, type=int, help="input side in pixels (paper: 128)")
     parser.add_argument("--patch_size", default=16, type=int)
     parser.add_argument("--in_chans", default=7, type=int, help="image channels (7 for the brain-cell data)")
@@ -48,6 +51,11 @@ def get_args_parser():
                         help="info loss over tokens and batch: sum (reference) or mean")
     parser.add_argument("--stable_epoch", default=0, type=int,
                         help="train the reconstruction losses only for this many first epochs")
+    # The reference decoder (512 wide, 8 blocks, 16 heads) dominates the cost of small models: smaller
+    # decoders make CPU tests and quick experiments cheap.
+    parser.add_argument("--decoder_embed_dim", default=512, type=int, help="decoder width (reference: 512)")
+    parser.add_argument("--decoder_depth", default=8, type=int, help="decoder blocks (reference: 8)")
+    parser.add_argument("--decoder_num_heads", default=16, type=int, help="decoder heads (reference: 16)")
     # Optimisation
     parser.add_argument("--batch_size", default=64, type=int, help="images per GPU per step")
     parser.add_argument("--epochs", default=500, type=int)
@@ -69,6 +77,9 @@ def get_args_parser():
     parser.add_argument("--synthetic_size", default=1024, type=int, help="number of synthetic images")
     parser.add_argument("--num_workers", default=min(10, os.cpu_count() or 1), type=int)
     parser.add_argument("--pin_mem", default=True, action=argparse.BooleanOptionalAction)
+    parser.add_argument("--gpu_augment", default=False, action=argparse.BooleanOptionalAction,
+                        help="workers only decode and crop; resize, rotation, shift and flips run on the device "
+                             "per batch (for fast GPUs, where the CPU augmentation cannot keep up)")
     # Run
     parser.add_argument("--output_dir", default="./output_dir", help="checkpoints and log.txt")
     parser.add_argument("--log_dir", default=None, help="TensorBoard folder (default: --output_dir)")
@@ -79,6 +90,11 @@ def get_args_parser():
     parser.add_argument("--start_epoch", default=0, type=int)
     parser.add_argument("--save_freq", default=50, type=int, help="keep checkpoint-<epoch>.pth every N epochs")
     parser.add_argument("--print_freq", default=20, type=int, help="log every N steps")
+    parser.add_argument("--vis_freq", default=20, type=int,
+                        help="every N epochs write <output_dir>/vis/recon_epoch<epoch>.png and a TensorBoard "
+                             "image of both students' masks and reconstructions (0: off)")
+    parser.add_argument("--vis_num_images", default=4, type=int, help="images in each --vis_freq figure")
+    add_knn_args(parser)
     misc.add_distributed_args(parser)
     return parser
 
@@ -88,7 +104,7 @@ def resolve_defaults(args):
     if args.amp_dtype is None:
         args.amp_dtype = "bf16" if str(args.device).startswith("cuda") else "none"
     args.log_dir = args.log_dir or args.output_dir
-    for flag in ("batch_size", "epochs", "accum_iter", "save_freq", "print_freq"):
+    for flag in ("batch_size", "epochs", "accum_iter", "save_freq", "print_freq", "vis_num_images"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
 
@@ -96,6 +112,8 @@ def resolve_defaults(args):
 def build_model(args):
     return models_dama.build_model(
         args.arch, img_size=args.img_size, patch_size=args.patch_size, in_chans=args.in_chans,
+        decoder_embed_dim=args.decoder_embed_dim, decoder_depth=args.decoder_depth,
+        decoder_num_heads=args.decoder_num_heads,
         mask_ratio=args.mask_ratio, mask_overlap_ratio=args.mask_overlap_ratio, last_k_blocks=args.last_k_blocks,
         loss_beta=args.loss_beta, loss_alpha=args.loss_alpha, norm_pix_loss=args.norm_pix_loss,
         mask_sampling=args.mask_sampling, info_pairing=args.info_pairing, info_reduction=args.info_reduction)
@@ -124,10 +142,13 @@ def main(args):
     misc.seed_everything(args.seed)
 
     model = build_model(args)  # config errors surface before any data is read
-    dataset = build_pretrain_dataset(args)
+    dataset = build_gpu_pretrain_dataset(args) if args.gpu_augment else build_pretrain_dataset(args)
     print(f"dataset: {len(dataset)} images")
     data_loader = build_loader(dataset, args)
+    knn_monitor = KnnMonitor(args) if args.knn_freq > 0 else None  # labelled-data errors surface now
     model.to(device)
+    batch_transform = GPUAugment(args.img_size).to(device) if args.gpu_augment else None
+    vis_dataset = build_pretrain_dataset(args) if args.gpu_augment else dataset  # full-size images
     model_without_ddp = model
     print(f"model: {args.arch}, {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M "
           f"trainable parameters; {model.num_visible} of {model.num_patches} patches visible per student, "
@@ -154,11 +175,16 @@ def main(args):
         # Seeding per epoch makes a resumed run draw the same masks and augmentations as an uninterrupted one.
         misc.seed_everything(args.seed + 10007 * epoch)
         data_loader.sampler.set_epoch(epoch)
-        stats = train_one_epoch(train_model, data_loader, optimizer, device, epoch, loss_scaler, log_writer, args)
+        stats = train_one_epoch(train_model, data_loader, optimizer, device, epoch, loss_scaler, log_writer, args,
+                                batch_transform=batch_transform)
         save_model(args, epoch, model_without_ddp, optimizer, loss_scaler)
         if (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs:
             save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, name=epoch)
-        misc.append_json_log(args.output_dir, {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch})
+        if args.vis_freq > 0 and (epoch + 1) % args.vis_freq == 0 and misc.is_main_process():
+            write_training_figure(model_without_ddp, vis_dataset, epoch, log_writer, args)  # fixed images and masks
+        knn_stats = knn_monitor.log(epoch, model_without_ddp.student1, device, log_writer) if knn_monitor else {}
+        misc.append_json_log(args.output_dir,
+                             {**{f"train_{k}": v for k, v in stats.items()}, **knn_stats, "epoch": epoch})
         if log_writer is not None:
             log_writer.flush()
     total = datetime.timedelta(seconds=int(time.time() - start_time))

@@ -222,7 +222,7 @@ class MAEStudent(nn.Module):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"--img_size {img_size} is not divisible by --patch_size {patch_size}")
-        self.patch_size, self.in_chans, self.depth = patch_size, in_chans, depth
+        self.img_size, self.patch_size, self.in_chans, self.depth = img_size, patch_size, in_chans, depth
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.num_patches = self.patch_embed.num_patches
         grid = img_size // patch_size
@@ -256,14 +256,31 @@ class MAEStudent(nn.Module):
         nn.init.normal_(self.mask_token, std=0.02)
         self.apply(_init_linear_and_norm)
 
+    def embed_visible_patches(self, imgs, ids_visible):
+        """patch_embed(imgs) + pos_embed at the visible patches only: [N, K, D].
+
+        Equal to timm's PatchEmbed conv followed by a gather, but computed as one GEMM over the K visible
+        patches: 1/(1 - mask_ratio) times fewer FLOPs, and a reduction over C*p*p (1792 for 7 channels)
+        that suits tensor cores, where a cuDNN conv over 7 input channels may not.
+        """
+        n, c, h, w = imgs.shape
+        if (c, h, w) != (self.in_chans, self.img_size, self.img_size):
+            raise ValueError(f"input images are {c}x{h}x{w}; the model expects --in_chans {self.in_chans} "
+                             f"and --img_size {self.img_size} ({self.in_chans}x{self.img_size}x{self.img_size})")
+        p = self.patch_size
+        patches = imgs.reshape(n, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)  # [N, gh, gw, C, p, p]
+        patches = gather_tokens(patches.reshape(n, -1, c * p * p), ids_visible)  # [N, K, C*p*p], conv order
+        proj = self.patch_embed.proj
+        x = F.linear(patches, proj.weight.reshape(proj.out_channels, -1), proj.bias)
+        return x + gather_tokens(self.pos_embed[:, 1:].expand(n, -1, -1), ids_visible)
+
     def forward_encoder(self, imgs, ids_visible, num_feature_blocks=0):
         """Encode the visible patches.
 
         imgs [N, C, H, W]; ids_visible [N, K]. Returns the normed latent [N, 1+K, D] (cls first) and the
         MLP-branch outputs [N, 1+K, D] of the last `num_feature_blocks` blocks.
         """
-        x = self.patch_embed(imgs) + self.pos_embed[:, 1:]  # [N, L, D]
-        x = gather_tokens(x, ids_visible)  # [N, K, D]
+        x = self.embed_visible_patches(imgs, ids_visible)  # [N, K, D]
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)  # [N, 1+K, D]
         feats = []
@@ -399,7 +416,84 @@ def main_vit_large(**kwargs):
 
 def build_model(arch: str, **kwargs) -> nn.Module:
     """The pretraining model for --arch, with a clear error for an unknown name."""
-    factories = {name: globals()[name] for name in ENCODER_CONFIGS}
+    factories = {name: globals()[name] for name in ARCH_CONFIGS}  # DAMA and the MAE baseline
     if arch not in factories:
         raise ValueError(f"unknown --arch {arch!r}; expected one of {sorted(factories)}")
     return factories[arch](**kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# MAE baseline (the paper's "MAE" row): one student, random masking, reconstruction loss only
+# --------------------------------------------------------------------------------------------------
+# Options of main_pretrain.py that only DAMA uses; MAE accepts and ignores them so the script runs unchanged.
+DAMA_ONLY_OPTIONS = ("mask_overlap_ratio", "last_k_blocks", "loss_beta", "loss_alpha", "mask_sampling",
+                     "info_pairing", "info_reduction")
+
+
+class MAE(nn.Module):
+    """He et al.'s MAE as a single `MAEStudent` named `student1`, so that its checkpoints load for fine-tuning
+    (--student 1) and export exactly like DAMA's.
+
+    forward returns DAMA's dict: loss = loss_recon1, loss_recon2 and loss_info are zero tensors, and
+    mask2/pred2/ids_shuffle2 repeat student 1's (there is no second student; code that draws both students
+    shows the same one twice; `num_students` = 1 tells it apart).
+    """
+
+    num_students = 1
+    num_overlap = 0  # no patch is shared with a second student (main_pretrain prints it)
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=7, embed_dim=768, depth=12, num_heads=12,
+                 decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0,
+                 mask_ratio=0.75, norm_pix_loss=True, **dama_options):
+        super().__init__()
+        unknown = sorted(set(dama_options) - set(DAMA_ONLY_OPTIONS))
+        if unknown:
+            raise TypeError(f"MAE got unexpected keyword arguments {unknown}")
+        if not 0.0 < mask_ratio < 1.0:  # checked before the (costly) student is built
+            raise ValueError(f"--mask_ratio must be strictly between 0 and 1 for MAE, got {mask_ratio}")
+        self.student1 = MAEStudent(img_size, patch_size, in_chans, embed_dim, depth, num_heads,
+                                   decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio)
+        self.patch_size, self.in_chans = patch_size, in_chans
+        self.num_patches = self.student1.num_patches
+        self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
+        self.num_visible = num_visible_patches(self.num_patches, mask_ratio)
+        if self.num_visible < 1:
+            raise ValueError(f"--mask_ratio {mask_ratio} leaves no visible patch out of {self.num_patches}")
+
+    def forward(self, imgs, info_weight=1.0, generator=None):
+        """imgs [N, C, H, W] -> DAMA's output dict; info_weight is accepted for the engine and unused."""
+        n, k = imgs.shape[0], self.num_visible
+        target = recon_target(imgs, self.patch_size, self.norm_pix_loss)  # [N, L, p*p*C]
+        mask, ids_shuffle, ids_restore = random_masking(n, self.num_patches, k, imgs.device, generator)
+        pred, _, _ = self.student1(imgs, ids_shuffle, ids_restore, k)
+        loss_recon, per_patch = recon_loss(pred, target, mask)
+        zero = torch.zeros((), device=imgs.device)
+        return dict(loss=loss_recon, loss_recon1=loss_recon, loss_recon2=zero, loss_info=zero,
+                    mask1=mask, mask2=mask, pred1=pred, pred2=pred, loss1_per_patch=per_patch.detach(),
+                    ids_shuffle1=ids_shuffle, ids_shuffle2=ids_shuffle)
+
+
+# Same encoder/decoder sizes as DAMA's archs: mae_vit_tiny <-> main_vit_tiny, ...
+MAE_ENCODER_CONFIGS = {name.replace("main_", "mae_", 1): cfg for name, cfg in ENCODER_CONFIGS.items()}
+# Every --arch name, for the pretraining lookup and for fine-tuning (models_vit)
+ARCH_CONFIGS = {**ENCODER_CONFIGS, **MAE_ENCODER_CONFIGS}
+
+
+def _mae(arch, **kwargs):
+    return MAE(**MAE_ENCODER_CONFIGS[arch], **kwargs)
+
+
+def mae_vit_tiny(**kwargs):
+    return _mae("mae_vit_tiny", **kwargs)
+
+
+def mae_vit_small(**kwargs):
+    return _mae("mae_vit_small", **kwargs)
+
+
+def mae_vit_base(**kwargs):
+    return _mae("mae_vit_base", **kwargs)
+
+
+def mae_vit_large(**kwargs):
+    return _mae("mae_vit_large", **kwargs)

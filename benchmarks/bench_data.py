@@ -1,0 +1,252 @@
+"""Images per second per worker of the pretraining input pipeline on 7-channel uint16 TIFFs.
+
+Writes --num_files random uint16 TIFFs per layout (interleaved channel-last 'YXS' and planar 'SYX') into a
+temporary folder (or reads --data_path), then measures, for each --img_size:
+
+  cpu  the default pipeline: util.datasets read_image + build_pretrain_transform, all on the worker;
+  gpu  the --gpu_augment split (util/gpu_augment.py): the worker decodes and cuts the S/2 crop, and
+       GPUAugment resizes, rotates, shifts and flips the batch on --device (timed separately as
+       pipeline 'gpu_augment_device', in images per second of the device).
+
+each single-process with one thread (what one DataLoader worker does) and through a DataLoader with
+--num_workers workers. For scale: the reference's numpy/cv2 pipeline does about 230 img/s per core at
+224 px; feeding issue 6's targets from 16 cores needs about 3,500/16 = 220 img/s per worker at 224 px
+(ViT-B) and 12,000/16 = 750 at 128 px (ViT-T).
+
+    python benchmarks/bench_data.py                       # 224 and 128 px, both pipelines
+    python benchmarks/bench_data.py --img_size 224 --num_workers 16 --pipelines cpu gpu --device cuda
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import tifffile
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's modules live in the repo root
+
+from util.datasets import ImageFileDataset, build_pretrain_transform, list_images  # noqa: E402
+from util.gpu_augment import CroppedImageFiles, GPUAugment, crop_size  # noqa: E402
+
+REFERENCE_IMG_PER_S_PER_CORE = {224: 230}  # the reference's numpy/cv2 pipeline (issue 6)
+TARGET_IMG_PER_S = {224: 3500, 128: 12000}  # issue 6's training targets (ViT-B at 224, ViT-T at 128)
+LAYOUTS = ("channel_last", "planar")
+
+
+# --------------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------------
+def write_tiffs(folder: Path, num_files: int, size: int, channels: int, layout: str, compression, seed=0) -> list:
+    """num_files random uint16 TIFFs of size x size x channels; returns their paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(num_files):
+        pixels = rng.integers(0, 65536, (channels, size, size), dtype=np.uint16)  # [C, H, W]
+        path = folder / f"img_{i:05d}.tif"
+        if layout == "channel_last":
+            tifffile.imwrite(path, np.ascontiguousarray(pixels.transpose(1, 2, 0)), photometric="minisblack",
+                             planarconfig="contig", compression=compression)
+        else:
+            tifffile.imwrite(path, pixels, photometric="minisblack", planarconfig="separate",
+                             compression=compression)
+        paths.append(path)
+    return paths
+
+
+class Repeated(Dataset):
+    """`dataset` seen `times` times over: enough items to keep every worker busy while timing."""
+
+    def __init__(self, dataset, times: int):
+        self.dataset, self.times = dataset, times
+
+    def __len__(self):
+        return len(self.dataset) * self.times
+
+    def __getitem__(self, index):
+        return self.dataset[index % len(self.dataset)]
+
+
+def pipeline_dataset(pipeline: str, paths: list, channels: int, img_size: int):
+    samples = [(path, 0) for path in paths]
+    if pipeline == "cpu":
+        return ImageFileDataset(samples, ["unlabelled"], channels, build_pretrain_transform(img_size))
+    return CroppedImageFiles(samples, ["unlabelled"], channels, img_size)
+
+
+# --------------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------------
+def time_single_process(dataset, min_seconds: float) -> float:
+    """img/s of dataset[i] in this process with one intra-op thread, as a DataLoader worker runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        dataset[0]  # first-call costs (imports, allocator) are not the steady state
+        count, begin = 0, time.perf_counter()
+        while count < len(dataset) or time.perf_counter() - begin < min_seconds:
+            dataset[count % len(dataset)]
+            count += 1
+        return count / (time.perf_counter() - begin)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def time_loader(dataset, num_workers: int, batch_size: int, passes: int) -> float:
+    """img/s through a DataLoader, counted from the first batch (worker start-up left out) to the last."""
+    loader = DataLoader(Repeated(dataset, passes), batch_size=batch_size, num_workers=num_workers, shuffle=True,
+                        drop_last=True)
+    count, begin = 0, None
+    for images, _ in loader:
+        if begin is None:
+            begin = time.perf_counter()
+            continue
+        count += images.shape[0]
+    if begin is None or count == 0:
+        raise ValueError(f"--num_files x passes gives fewer than two batches of --batch_size {batch_size}; "
+                         "use more files or a smaller batch")
+    return count / (time.perf_counter() - begin)
+
+
+def time_gpu_augment(img_size: int, channels: int, batch_size: int, device, steps: int = 20) -> float:
+    """img/s of GPUAugment on a batch of crops already on `device` (CUDA events on a GPU)."""
+    augment = GPUAugment(img_size)
+    crops = torch.rand(batch_size, channels, crop_size(img_size), crop_size(img_size), device=device)
+    augment(crops)  # warm-up
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        start.record()
+        for _ in range(steps):
+            augment(crops)
+        end.record()
+        end.synchronize()
+        seconds = start.elapsed_time(end) / 1e3
+    else:
+        begin = time.perf_counter()
+        for _ in range(steps):
+            augment(crops)
+        seconds = time.perf_counter() - begin
+    return batch_size * steps / seconds
+
+
+# --------------------------------------------------------------------------------------------------
+# Rows
+# --------------------------------------------------------------------------------------------------
+def make_row(pipeline, layout, img_size, file_size, workers, img_per_s, per_worker=True) -> dict:
+    per = img_per_s / max(workers or 0, 1) if per_worker else None  # workers 0: the in-process row
+    target = TARGET_IMG_PER_S.get(img_size)
+    return dict(pipeline=pipeline, layout=layout, img_size=img_size, file_size=file_size, workers=workers,
+                img_per_s=round(img_per_s, 1), img_per_s_per_worker=None if per is None else round(per, 1),
+                ms_per_img_per_worker=None if per is None else round(1e3 / per, 3),
+                reference_img_per_s_per_core=REFERENCE_IMG_PER_S_PER_CORE.get(img_size),
+                target_img_per_s=target,
+                workers_for_target=math.ceil(target / per) if (target and per) else None)
+
+
+def bench_files(paths, layout, img_size, args) -> list:
+    rows = []
+    for pipeline in args.pipelines:
+        dataset = pipeline_dataset(pipeline, paths, args.in_chans, img_size)
+        rate = time_single_process(dataset, args.min_seconds)
+        rows.append(make_row(pipeline, layout, img_size, args.file_size or img_size, 0, rate))
+        if args.num_workers > 0:
+            rate = time_loader(dataset, args.num_workers, args.batch_size, args.passes)
+            rows.append(make_row(pipeline, layout, img_size, args.file_size or img_size, args.num_workers, rate))
+    return rows
+
+
+def markdown_table(rows) -> str:
+    lines = ["| pipeline | layout | img | file | workers | img/s | img/s/worker | ms/img | workers for target |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        workers = {0: "1 (in process)", None: "- (device)"}.get(r["workers"], r["workers"])
+        lines.append(f"| {r['pipeline']} | {r['layout']} | {r['img_size']} | {_fmt(r['file_size'])} | {workers} "
+                     f"| {r['img_per_s']:,.0f} | {_fmt(r['img_per_s_per_worker'])} "
+                     f"| {_fmt(r['ms_per_img_per_worker'])} "
+                     f"| {_fmt(r['workers_for_target'])} (of {_fmt(r['target_img_per_s'])}/s) |")
+    lines.append("\nReference numpy/cv2 pipeline: about 230 img/s per core at 224 px (issue 6).")
+    return "\n".join(lines)
+
+
+def _fmt(value):
+    return "-" if value is None else f"{value:,}"
+
+
+def emit(row, out_path):
+    line = json.dumps(row)
+    print(line, flush=True)
+    if out_path:
+        with open(out_path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("DAMA data-pipeline benchmark", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--img_size", nargs="+", type=int, default=[224, 128], help="training side(s) S")
+    parser.add_argument("--file_size", type=int, default=None, help="side of the written TIFFs (default: S)")
+    parser.add_argument("--in_chans", type=int, default=7)
+    parser.add_argument("--num_files", type=int, default=64, help="TIFFs written per layout and size")
+    parser.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS))
+    parser.add_argument("--compression", default=None, choices=[None, "zlib", "lzw"], help="TIFF compression")
+    parser.add_argument("--data_path", default=None,
+                        help="measure these image files instead of writing random ones (one 'layout': data_path)")
+    parser.add_argument("--pipelines", nargs="+", choices=["cpu", "gpu"], default=["cpu", "gpu"])
+    parser.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="DataLoader workers for the loader rows (0: single-process rows only)")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--passes", type=int, default=4, help="passes over the files in the loader rows")
+    parser.add_argument("--min_seconds", type=float, default=2.0, help="minimum time of a single-process row")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where GPUAugment is timed (pipeline 'gpu')")
+    parser.add_argument("--augment_batch_size", type=int, default=256)
+    parser.add_argument("--out", default=None, help="also append the JSON lines to this file")
+    return parser
+
+
+def file_sets(args, tmp: Path):
+    """(layout, img_size, paths) to measure: the --data_path files, or files written for each layout and size."""
+    for img_size in args.img_size:
+        if args.data_path:
+            paths = list_images(Path(args.data_path), recursive=True)
+            if not paths:
+                raise SystemExit(f"error: --data_path {args.data_path}: no image files found")
+            yield "data_path", img_size, paths
+            continue
+        for layout in args.layouts:
+            folder = tmp / f"{layout}_{args.file_size or img_size}"
+            paths = sorted(folder.glob("*.tif")) or write_tiffs(
+                folder, args.num_files, args.file_size or img_size, args.in_chans, layout, args.compression)
+            yield layout, img_size, paths
+
+
+def main(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    device = torch.device(args.device)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="dama_bench_data_") as tmp:
+        for layout, img_size, paths in file_sets(args, Path(tmp)):
+            for row in bench_files(paths, layout, img_size, args):
+                rows.append(row)
+                emit(row, args.out)
+    if "gpu" in args.pipelines:
+        for img_size in args.img_size:
+            rate = time_gpu_augment(img_size, args.in_chans, args.augment_batch_size, device)
+            row = make_row("gpu_augment_device", str(device), img_size, None, None, rate, per_worker=False)
+            row["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+            rows.append(row)
+            emit(row, args.out)
+    print()
+    print(markdown_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""Export one student's encoder from a DAMA pretraining checkpoint as an encoder-only checkpoint.
+
+The output ({'model': timm ViT state dict, 'pretrained_cfg': {...}}) loads with
+`main_finetune.py --finetune OUT`, into `timm.create_model('vit_tiny_patch16_224', in_chans=7, ...)`
+and as a ViTDet backbone (MMDetection `init_cfg=dict(type='Pretrained', checkpoint=OUT)`).
+
+    python convert_checkpoint.py --input output_dir/checkpoint.pth --output encoder.pth [--student 2]
+"""
+import argparse
+import sys
+
+from util.checkpoint import CheckpointError
+from util.convert import export_encoder
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("DAMA encoder export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", required=True, help="pretraining checkpoint (checkpoint.pth)")
+    parser.add_argument("--output", required=True, help="where to write the encoder-only checkpoint")
+    parser.add_argument("--student", type=int, choices=(1, 2), default=1,
+                        help="which student's encoder to export (2 = the reference's --is_momentum)")
+    return parser
+
+
+def main(args: argparse.Namespace) -> None:
+    metadata = export_encoder(args.input, args.output, student=args.student)
+    print(f"Wrote student {args.student} encoder of {args.input} to {args.output}: " +
+          ", ".join(f"{key}={value}" for key, value in metadata.items()))
+
+
+if __name__ == "__main__":
+    cli_args = get_args_parser().parse_args()
+    try:
+        main(cli_args)
+    except (CheckpointError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,126 @@
+"""One fine-tuning epoch and one evaluation pass (MAE's engine_finetune, with fewer host syncs)."""
+import math
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from timm.utils import accuracy
+
+import util.lr_sched as lr_sched
+import util.misc as misc
+
+PRINT_FREQ = 20
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN/inf: training stops before any checkpoint is written."""
+
+
+def current_lr(optimizer) -> float:
+    # the head group has lr_scale 1, so the max over groups is the schedule's lr
+    return max(group["lr"] for group in optimizer.param_groups)
+
+
+def check_finite(loss_sum: torch.Tensor, epoch: int, step: int) -> float:
+    """All-reduced running loss sum; raises on NaN/inf. Every rank gets the same answer, so all stop together."""
+    total = misc.all_reduce_mean(loss_sum)
+    if not math.isfinite(total):
+        raise NonFiniteLossError(
+            f"training loss became {total} by epoch {epoch} iteration {step}; stopping without writing a "
+            f"checkpoint (try a lower --blr/--lr, --clip_grad, or --amp_dtype none)")
+    return total
+
+
+def grad_sync_context(model, update_grad: bool):
+    """DDP: skip the gradient all-reduce on accumulation steps; it is needed only before the optimizer step."""
+    if not update_grad and hasattr(model, "no_sync"):
+        return model.no_sync()
+    return nullcontext()
+
+
+def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int, loss_scaler, args,
+                    mixup_fn=None, log_writer=None, print_freq: int = PRINT_FREQ) -> dict:
+    """Train one epoch; returns {'loss': mean training loss over all ranks, 'lr': last lr}."""
+    model.train(True)
+    metric_logger = misc.MetricLogger(delimiter="  ")
+    metric_logger.add_meter("lr", misc.SmoothedValue(window_size=1, fmt="{value:.6f}"))
+    header = f"Epoch: [{epoch}]"
+    accum_iter = args.accum_iter
+    num_steps = len(data_loader)
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)  # on device: no host sync per step
+    optimizer.zero_grad(set_to_none=True)
+
+    for step, (samples, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
+        if step % accum_iter == 0:  # per-iteration schedule on the fractional epoch
+            lr_sched.adjust_learning_rate(optimizer, epoch + step / num_steps, args)
+        samples = samples.to(device, non_blocking=True)  # [N, C, S, S]
+        targets = targets.to(device, non_blocking=True)  # [N]
+        if mixup_fn is not None:
+            samples, targets = mixup_fn(samples, targets)  # targets -> soft [N, num_classes]
+
+        update_grad = (step + 1) % accum_iter == 0 or step + 1 == num_steps
+        with grad_sync_context(model, update_grad):
+            with misc.autocast_context(device, args.amp_dtype):
+                logits = model(samples)  # [N, num_classes]
+                loss = criterion(logits.float(), targets)
+            loss_scaler(loss / accum_iter, optimizer, clip_grad=args.clip_grad,
+                        parameters=model.parameters(), update_grad=update_grad)
+        loss_sum += loss.detach()
+        if update_grad:
+            optimizer.zero_grad(set_to_none=True)
+
+        if step % print_freq == 0 or step + 1 == num_steps:
+            mean_loss = check_finite(loss_sum, epoch, step) / (step + 1)
+            metric_logger.update(loss=mean_loss, lr=current_lr(optimizer))
+            if log_writer is not None:
+                epoch_1000x = int((epoch + step / num_steps) * 1000)  # x axis comparable across batch sizes
+                log_writer.add_scalar("loss", mean_loss, epoch_1000x)
+                log_writer.add_scalar("lr", current_lr(optimizer), epoch_1000x)
+
+    train_loss = check_finite(loss_sum, epoch, num_steps - 1) / max(num_steps, 1)
+    print(f"Averaged stats: loss {train_loss:.4f}  lr {current_lr(optimizer):.6f}")
+    return {"loss": train_loss, "lr": current_lr(optimizer)}
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if misc.is_dist_avail_and_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+@torch.no_grad()
+def evaluate(data_loader, model, device, amp_dtype: str, num_classes: int, sharded: bool = True,
+             print_freq: int = PRINT_FREQ) -> dict:
+    """Cross-entropy, top-1 (and top-5 when num_classes >= 5) over the whole val set, exact across ranks.
+
+    sharded (--dist_eval): each rank saw part of the set; sums of loss and correct predictions and the
+    sample count are all-reduced, so ranks with different shard sizes are weighted by their number of
+    samples (not an average of per-rank averages). sharded=False: every rank saw the whole set.
+    """
+    model.eval()
+    topk = (1, 5) if num_classes >= 5 else (1,)
+    # [loss sum, correct top-1, correct top-5 (unused below 5 classes), count]; float64 keeps counts exact
+    totals = torch.zeros(4, device=device, dtype=torch.float64)
+    metric_logger = misc.MetricLogger(delimiter="  ")
+    for images, targets in metric_logger.log_every(data_loader, print_freq, "Test:"):
+        images = images.to(device, non_blocking=True)  # [N, C, S, S]
+        targets = targets.to(device, non_blocking=True)  # [N]
+        with misc.autocast_context(device, amp_dtype):
+            logits = model(images)  # [N, num_classes]
+        batch_size = targets.shape[0]
+        totals[0] += F.cross_entropy(logits.float(), targets, reduction="sum")
+        totals[3] += batch_size
+        for slot, acc in zip((1, 2), accuracy(logits.float(), targets, topk=topk)):
+            totals[slot] += acc.double() * batch_size / 100.0  # percent of the batch -> correct count
+    if sharded:
+        totals = all_reduce_sum(totals)
+    loss_sum, correct1, correct5, count = totals.tolist()
+    if count == 0:
+        raise ValueError("the validation set is empty: nothing to evaluate")
+    stats = {"loss": loss_sum / count, "acc1": 100.0 * correct1 / count}
+    if num_classes >= 5:
+        stats["acc5"] = 100.0 * correct5 / count
+    summary = "  ".join(f"{name} {value:.3f}" for name, value in stats.items())
+    print(f"* {summary}  (n={int(round(count))})")
+    return stats

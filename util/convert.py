@@ -1,0 +1,225 @@
+"""Pretraining checkpoint -> encoder-only state dict in timm ViT names, and loading it for fine-tuning.
+
+A DAMA pretraining state dict holds `student1.<name>`, `student2.<name>` (encoder + decoder of each
+student) and `head.*` (projection head). The encoder names are timm's, so stripping the student prefix
+and dropping the decoder, mask token and projection head gives a state dict that loads into
+`models_vit` and into `timm.create_model('vit_*', ...)` (only the classifier head is missing).
+The reference code's `base_encoder.` / `momentum_encoder.` prefixes are accepted as students 1 / 2.
+"""
+import argparse
+import math
+import os
+
+import torch
+
+from models_vit import VIT_CONFIGS, init_head, uses_fc_norm
+from util.checkpoint import CheckpointError, save_checkpoint
+from util.pos_embed import resample_pos_embed
+
+STUDENT_PREFIXES = {1: ("student1.", "base_encoder."), 2: ("student2.", "momentum_encoder.")}
+DDP_PREFIX = "module."
+FINAL_NORM_KEYS = ("norm.weight", "norm.bias")
+HEAD_KEYS = ("head.weight", "head.bias")
+FC_NORM_KEYS = ("fc_norm.weight", "fc_norm.bias")
+
+
+def is_pretraining_only(key: str) -> bool:
+    """Decoder, mask token and projection head exist only for pretraining."""
+    return key.startswith("decoder_") or key == "mask_token" or key.startswith("head.")
+
+
+def has_student_prefixes(state_dict: dict) -> bool:
+    prefixes = STUDENT_PREFIXES[1] + STUDENT_PREFIXES[2]
+    return any(key.startswith(prefixes) for key in state_dict)
+
+
+def strip_prefix(state_dict: dict, prefix: str) -> dict:
+    return {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
+
+
+def select_student(state_dict: dict, student: int) -> dict:
+    """The keys of one student, prefix stripped (whichever of the accepted prefixes the file uses)."""
+    for prefix in STUDENT_PREFIXES[student]:
+        selected = strip_prefix(state_dict, prefix)
+        if selected:
+            return selected
+    raise ValueError(f"no student {student} weights (keys starting with {' or '.join(STUDENT_PREFIXES[student])})"
+                     f" in this pretraining state dict")
+
+
+def extract_encoder(state_dict: dict, student: int = 1) -> dict:
+    """Encoder-only state dict in timm names from a pretraining (or already encoder-only) state dict."""
+    if student not in STUDENT_PREFIXES:
+        raise ValueError(f"--student must be 1 or 2, got {student}")
+    if any(key.startswith(DDP_PREFIX) for key in state_dict):
+        state_dict = strip_prefix(state_dict, DDP_PREFIX)
+    if has_student_prefixes(state_dict):
+        state_dict = select_student(state_dict, student)
+    return {key: value for key, value in state_dict.items() if not is_pretraining_only(key)}
+
+
+def read_state_dict(path: str) -> tuple:
+    """(state_dict, checkpoint) from a file holding {'model': sd, ...} or a bare sd."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist (check --finetune / --input)")
+    try:
+        # the reference code pickled its args as a Namespace; allow that one class, nothing else
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for truncated / foreign files
+        raise CheckpointError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(checkpoint).__name__}, expected a dict")
+    state_dict = checkpoint.get("model", checkpoint)
+    if not isinstance(state_dict, dict) or not any(torch.is_tensor(v) for v in state_dict.values()):
+        raise CheckpointError(f"checkpoint {path} holds no model weights (expected {{'model': state_dict}} "
+                              f"or a bare state dict)")
+    return state_dict, checkpoint
+
+
+def shape_mismatch_hint(key: str, ckpt_shape: torch.Size, model_shape: torch.Size, pretrained_arch: str) -> str:
+    """Which flag makes the model match the checkpoint."""
+    if key == "patch_embed.proj.weight" and ckpt_shape[0] == model_shape[0]:
+        if ckpt_shape[1] != model_shape[1]:
+            return f"set --in_chans {ckpt_shape[1]} (the checkpoint was pretrained on {ckpt_shape[1]}-channel images)"
+        return f"set --patch_size {ckpt_shape[-1]} (the checkpoint was pretrained with that patch size)"
+    if pretrained_arch:
+        return f"use --arch {pretrained_arch} as in pretraining"
+    return "use the --arch the checkpoint was pretrained with"
+
+
+def check_shapes(encoder: dict, model: torch.nn.Module, path: str, pretrained_arch: str = "") -> None:
+    """Fail with one clear line on the first weight whose shape the model cannot take (pos_embed excepted)."""
+    model_state = model.state_dict()
+    # patch_embed first: a channel or patch-size mismatch is the most specific hint
+    keys = sorted(encoder, key=lambda key: key != "patch_embed.proj.weight")
+    for key in keys:
+        if key not in model_state:
+            continue
+        ckpt_shape, model_shape = encoder[key].shape, model_state[key].shape
+        same_width = key != "pos_embed" or ckpt_shape[-1] == model_shape[-1]
+        if ckpt_shape == model_shape or (key == "pos_embed" and same_width):
+            continue
+        raise ValueError(
+            f"checkpoint {path}: '{key}' has shape {list(ckpt_shape)} but the model expects "
+            f"{list(model_shape)}; {shape_mismatch_hint(key, ckpt_shape, model_shape, pretrained_arch)}")
+
+
+def fit_pos_embed(encoder: dict, model: torch.nn.Module) -> None:
+    """Resample the checkpoint's position embedding (bicubic) when the fine-tuning grid differs."""
+    if "pos_embed" not in encoder:
+        return
+    ckpt_rows, model_rows = encoder["pos_embed"].shape[1], model.pos_embed.shape[1]
+    if ckpt_rows == model_rows:
+        return
+    new_grid = int(math.isqrt(model_rows - model.num_prefix_tokens))
+    old_grid = int(math.isqrt(ckpt_rows - model.num_prefix_tokens))
+    print(f"Resampling pos_embed from a {old_grid}x{old_grid} to a {new_grid}x{new_grid} patch grid")
+    encoder["pos_embed"] = resample_pos_embed(encoder["pos_embed"].float(), new_grid,
+                                              num_prefix_tokens=model.num_prefix_tokens)
+
+
+def allowed_missing_keys(model: torch.nn.Module) -> set:
+    """A fresh classifier head and, with global pooling, a fresh fc_norm."""
+    allowed = set(HEAD_KEYS)
+    if uses_fc_norm(model):
+        allowed |= set(FC_NORM_KEYS)
+    return allowed
+
+
+def key_list(keys, shown: int = 8) -> str:
+    """Sorted keys for an error line, the first `shown` of them (a deeper arch can add hundreds)."""
+    keys = sorted(keys)
+    more = f" ... ({len(keys) - shown} more)" if len(keys) > shown else ""
+    return str(keys[:shown]) + more
+
+
+def pretrained_arch_of(checkpoint: dict) -> str:
+    args = checkpoint.get("args")
+    args = vars(args) if isinstance(args, argparse.Namespace) else args
+    return args.get("arch", "") if isinstance(args, dict) else ""
+
+
+def load_pretrained_encoder(model: torch.nn.Module, path: str, student: int = 1) -> None:
+    """Initialise a models_vit classifier from a pretraining or encoder-only checkpoint (--finetune)."""
+    state_dict, checkpoint = read_state_dict(path)
+    try:
+        encoder = extract_encoder(state_dict, student)
+    except ValueError as exc:
+        raise ValueError(f"checkpoint {path}: {exc}") from exc
+    if uses_fc_norm(model):
+        # pooled features go through fc_norm; the encoder's final norm is not part of this model
+        encoder = {key: value for key, value in encoder.items() if key not in FINAL_NORM_KEYS}
+    pretrained_arch = pretrained_arch_of(checkpoint)
+    check_shapes(encoder, model, path, pretrained_arch)
+    fit_pos_embed(encoder, model)
+    missing, unexpected = model.load_state_dict(encoder, strict=False)
+    arch_hint = f"; use --arch {pretrained_arch} as in pretraining" if pretrained_arch else \
+        "; use the --arch the checkpoint was pretrained with"
+    if unexpected:
+        raise ValueError(f"checkpoint {path}: unexpected keys {key_list(unexpected)}{arch_hint}")
+    wrongly_missing = set(missing) - allowed_missing_keys(model)
+    if wrongly_missing:
+        raise ValueError(f"checkpoint {path}: missing keys {key_list(wrongly_missing)}{arch_hint}")
+    init_head(model)
+    source = f"student {student} of " if has_student_prefixes(state_dict) else ""
+    print(f"Loaded the encoder of {source}{path} (newly initialised: {sorted(missing)})")
+
+
+def count_blocks(encoder: dict) -> int:
+    block_ids = {int(key.split(".")[1]) for key in encoder if key.startswith("blocks.")}
+    return max(block_ids) + 1 if block_ids else 0
+
+
+def infer_arch(embed_dim: int, depth: int) -> str:
+    for name, cfg in VIT_CONFIGS.items():
+        if cfg["embed_dim"] == embed_dim and cfg["depth"] == depth:
+            return name
+    return ""
+
+
+def encoder_metadata(encoder: dict, checkpoint: dict, student: int) -> dict:
+    """timm pretrained_cfg-like description of the encoder (read from the weights, arch from the run's args)."""
+    proj = encoder["patch_embed.proj.weight"]  # [D, C, p, p]
+    embed_dim, in_chans, patch_size = proj.shape[0], proj.shape[1], proj.shape[-1]
+    depth = count_blocks(encoder)
+    grid = math.isqrt(encoder["pos_embed"].shape[1] - 1) if "pos_embed" in encoder else 0
+    arch = pretrained_arch_of(checkpoint) or infer_arch(embed_dim, depth)
+    num_heads = VIT_CONFIGS[arch]["num_heads"] if arch in VIT_CONFIGS else None
+    return dict(arch=arch, img_size=grid * patch_size, patch_size=patch_size, in_chans=in_chans,
+                embed_dim=embed_dim, depth=depth, num_heads=num_heads, student=student,
+                epoch=checkpoint.get("epoch"))
+
+
+TIMM_VIT_SIZES = {192: "tiny", 384: "small", 768: "base", 1024: "large"}  # embed_dim -> timm's ViT size name
+
+
+def timm_pretrained_cfg(metadata: dict) -> dict:
+    """Fields of timm's PretrainedCfg for the export, so that
+    `timm.create_model(cfg['architecture'], pretrained=True, pretrained_cfg_overlay=dict(cfg, file=PATH))`
+    builds a headless in_chans-channel, img_size-pixel ViT and loads the file (patch sizes other than 16 also
+    need patch_size=p). mean 0 / std 1 because DAMA trains on raw [0, 1] intensities without normalisation."""
+    in_chans, img_size = metadata["in_chans"], metadata["img_size"]
+    size = TIMM_VIT_SIZES.get(metadata["embed_dim"], "base")
+    return dict(architecture=f"vit_{size}_patch16_224", input_size=(in_chans, img_size, img_size),
+                fixed_input_size=True, mean=(0.0,) * in_chans, std=(1.0,) * in_chans, crop_pct=1.0,
+                interpolation="bicubic", num_classes=0, first_conv="patch_embed.proj", classifier="head")
+
+
+def export_encoder(ckpt_path: str, out_path: str, student: int = 1) -> dict:
+    """Write {'model': encoder state dict, 'pretrained_cfg': metadata, 'timm_pretrained_cfg': timm fields}
+    atomically; returns the metadata."""
+    state_dict, checkpoint = read_state_dict(ckpt_path)
+    try:
+        encoder = extract_encoder(state_dict, student)
+    except ValueError as exc:
+        raise ValueError(f"checkpoint {ckpt_path}: {exc}") from exc
+    if "patch_embed.proj.weight" not in encoder:
+        raise ValueError(f"checkpoint {ckpt_path}: no 'patch_embed.proj.weight'; not a ViT encoder checkpoint")
+    metadata = encoder_metadata(encoder, checkpoint, student)
+    out_dir = os.path.dirname(out_path)
+    if out_dir:  # a bare file name means the current directory
+        os.makedirs(out_dir, exist_ok=True)
+    save_checkpoint(out_path, {"model": encoder, "pretrained_cfg": metadata,
+                               "timm_pretrained_cfg": timm_pretrained_cfg(metadata)})
+    return metadata

@@ -1,0 +1,272 @@
+"""Shared submitit launcher behind submitit_pretrain.py and submitit_finetune.py (MAE's submitit scripts).
+
+One process per GPU (tasks_per_node = --ngpus) on --nodes nodes of a SLURM cluster, or the same job as local
+subprocesses (--cluster local) or inside this process (--cluster debug). Each task exports the torchrun
+environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) so that util.misc.init_distributed_mode
+sets up DDP exactly as under torchrun. On preemption or timeout, submitit calls Trainer.checkpoint(), which
+resubmits the job so that it resumes from <job_dir>/checkpoint.pth.
+"""
+import argparse
+import copy
+import importlib
+import os
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+import submitit
+import torch
+
+import util.misc as misc
+from util.checkpoint import ROLLING_CHECKPOINT
+
+CLUSTERS = ("slurm", "local", "debug")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_JOB_DIR = "job_dir/%j"  # under the current directory; %j becomes the job id
+SIGNAL_DELAY_S = 120  # SLURM warns the job this long before its time limit: time to stop and requeue
+# Variables that select the env:// branch of init_distributed_mode; a one-task job must not inherit them.
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+class LaunchError(ValueError):
+    """A launcher flag that cannot work; the message names the flag."""
+
+
+def default_cluster() -> str:
+    return "slurm" if shutil.which("sbatch") else "local"
+
+
+def add_launcher_args(parser):
+    """The SLURM/submitit flags, added to a parser that already has the training script's flags."""
+    group = parser.add_argument_group("submitit launcher")
+    group.add_argument("--ngpus", default=8, type=int,
+                       help="processes per node: one per GPU (with --device cpu, CPU processes)")
+    group.add_argument("--nodes", default=1, type=int, help="number of nodes")
+    group.add_argument("--timeout", default=4320, type=int, help="time limit of one job, in minutes")
+    group.add_argument("--partition", default=None, help="SLURM partition (default: the cluster's default)")
+    group.add_argument("--job_dir", default="", help="checkpoints, log.txt and submitit logs; '%%j' is replaced "
+                                                     "by the job id (default: ./job_dir/%%j)")
+    group.add_argument("--comment", default="", help="SLURM job comment")
+    group.add_argument("--mem_per_gpu", default=10, type=int, help="host memory per process, in GB")
+    group.add_argument("--cpus_per_task", default=None, type=int,
+                       help="CPUs per process (default: --num_workers + 1, the loader workers and the trainer)")
+    group.add_argument("--constraint", default=None, help="SLURM --constraint (node features)")
+    group.add_argument("--use_volta32", action="store_true", help="compat: adds the constraint volta32gb")
+    group.add_argument("--account", default=None, help="SLURM --account")
+    group.add_argument("--qos", default=None, help="SLURM --qos")
+    group.add_argument("--exclude", default=None, help="SLURM --exclude (nodes to avoid)")
+    group.add_argument("--cluster", default=default_cluster(), choices=CLUSTERS,
+                       help="slurm: sbatch; local: subprocesses on this machine; debug: in this process "
+                            "(default: slurm when sbatch is on PATH, else local)")
+    group.add_argument("--slurm_max_num_timeout", default=30, type=int,
+                       help="how many times a timed-out job may requeue itself")
+    group.add_argument("--job_name", default="dama", help="SLURM job name")
+    group.add_argument("--dry_run", action="store_true", help="print the job's parameters and exit")
+    # The training scripts pick cuda only when this machine has a GPU; a SLURM login node often has none.
+    parser.set_defaults(device=None)
+    return parser
+
+
+def parse_args(training_parser, description, argv=None):
+    """Parse the training script's flags plus the launcher's; resolves --device, --job_dir and checks them."""
+    parser = argparse.ArgumentParser(description, parents=[training_parser])
+    add_launcher_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        resolve_launch_args(args)
+    except LaunchError as exc:
+        parser.exit(2, f"error: {exc}\n")
+    return args
+
+
+def resolve_launch_args(args):
+    """Fill the launcher defaults that depend on other flags, and reject what cannot run."""
+    if args.device is None:
+        args.device = "cuda" if args.cluster == "slurm" or torch.cuda.is_available() else "cpu"
+    args.job_dir = str(Path(args.job_dir or DEFAULT_JOB_DIR).expanduser().absolute())
+    if args.cpus_per_task is None:
+        args.cpus_per_task = args.num_workers + 1
+    for flag in ("ngpus", "nodes", "timeout", "mem_per_gpu", "cpus_per_task"):
+        if getattr(args, flag) < 1:
+            raise LaunchError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.cluster != "slurm" and args.nodes != 1:
+        raise LaunchError(f"--nodes {args.nodes}: --cluster {args.cluster} runs on this one machine; "
+                          f"use --nodes 1 or --cluster slurm")
+    if args.cluster == "debug" and args.ngpus != 1:
+        raise LaunchError(f"--ngpus {args.ngpus}: --cluster debug runs one process (this one); use --ngpus 1")
+    if args.cluster != "slurm" and uses_gpus(args) and args.ngpus > torch.cuda.device_count():
+        raise LaunchError(f"--ngpus {args.ngpus} with --device {args.device}, but this machine has "
+                          f"{torch.cuda.device_count()} GPUs; lower --ngpus or use --device cpu")
+    warn_missing_inputs(args)
+    return args
+
+
+def uses_gpus(args) -> bool:
+    return str(args.device).startswith("cuda")
+
+
+def warn_missing_inputs(args):
+    """Paths that do not exist here are likely typos; only warn: compute nodes may mount other file systems."""
+    for flag in ("data_path", "finetune", "resume"):
+        path = getattr(args, flag, None)
+        if path and not os.path.exists(path):
+            print(f"warning: --{flag} {path} does not exist on this machine", file=sys.stderr)
+
+
+def slurm_constraint(args):
+    """--constraint and the --use_volta32 shortcut, joined with SLURM's AND."""
+    parts = [c for c in (args.constraint, "volta32gb" if args.use_volta32 else None) if c]
+    return "&".join(parts) or None
+
+
+def executor_parameters(args) -> dict:
+    """Keyword arguments of AutoExecutor.update_parameters for this job (generic names plus slurm_* ones)."""
+    params = dict(
+        name=args.job_name,
+        timeout_min=args.timeout,
+        nodes=args.nodes,
+        tasks_per_node=args.ngpus,  # one process per GPU
+        gpus_per_node=args.ngpus if uses_gpus(args) else 0,  # a CPU job must not ask SLURM for GPUs
+        cpus_per_task=args.cpus_per_task,
+        mem_gb=args.mem_per_gpu * args.ngpus,
+        slurm_signal_delay_s=SIGNAL_DELAY_S,
+        # the job imports util.launch and the training module from this repository, wherever it starts
+        slurm_setup=[f"export PYTHONPATH={shlex.quote(str(REPO_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}"],
+    )
+    optional = dict(slurm_partition=args.partition, slurm_comment=args.comment or None,
+                    slurm_constraint=slurm_constraint(args), slurm_account=args.account, slurm_qos=args.qos,
+                    slurm_exclude=args.exclude)
+    params.update({k: v for k, v in optional.items() if v is not None})
+    return params
+
+
+def submitit_folder(args) -> str:
+    """Where submitit keeps its pickles and the per-task stdout/stderr logs."""
+    return str(Path(args.job_dir) / "submitit")
+
+
+def build_executor(args):
+    # Local jobs inherit this environment (and SLURM exports it by default): the job can import our modules.
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
+    executor = submitit.AutoExecutor(folder=submitit_folder(args), cluster=args.cluster,
+                                     slurm_max_num_timeout=args.slurm_max_num_timeout,
+                                     local_max_num_timeout=args.slurm_max_num_timeout)
+    executor.update_parameters(**executor_parameters(args))
+    return executor
+
+
+def make_job_dir(args):
+    """Create --job_dir now; with %j, the folder that will hold it (the job creates its own once its id is known)."""
+    if "%j" in args.job_dir:
+        folder = Path(args.job_dir.split("%j", 1)[0] + "x").parent  # job_dir/%j -> job_dir, runs/a-%j -> runs
+    else:
+        folder = Path(args.job_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+
+
+def limit_cpu_threads(tasks_per_node: int):
+    """Share this node's CPUs among its tasks, as torchrun does (unless OMP_NUM_THREADS says otherwise).
+
+    Without it every task starts one compute thread per CPU: in a local two-task CPU job on a busy 2-core
+    machine the oversubscribed threads spun against each other and a step took 14 s instead of 0.45 s.
+    """
+    if tasks_per_node <= 1 or "OMP_NUM_THREADS" in os.environ:
+        return
+    if "SLURM_CPUS_PER_TASK" in os.environ:  # SLURM already gave each task its own --cpus_per_task CPUs
+        threads = int(os.environ["SLURM_CPUS_PER_TASK"])
+    else:
+        threads = len(os.sched_getaffinity(0)) // tasks_per_node
+    torch.set_num_threads(max(1, threads))
+
+
+def add_new_flag_defaults(args, training_parser):
+    """Give flags that the training script gained after submission their defaults.
+
+    A job (and every requeue of it) runs the code as it is when it starts, with the flags parsed at submission:
+    a flag added in between would otherwise be missing from args.
+    """
+    for name, value in vars(training_parser.parse_known_args([])[0]).items():
+        if not hasattr(args, name):
+            setattr(args, name, value)
+
+
+class Trainer:
+    """The submitted callable: runs `<main_module>.main(args)` in every task; requeues itself when stopped.
+
+    Picklable (plain args namespace and a module name); the training module is imported inside the job.
+    """
+
+    def __init__(self, args, main_module: str):
+        self.args = args
+        self.main_module = main_module
+
+    def __call__(self):
+        job_env = submitit.JobEnvironment()
+        self._setup_job(job_env)
+        # main() fills in args (rank, device, lr, start_epoch, ...): give it a copy so that a requeue starts
+        # from the user's flags, not from this run's derived values.
+        args = copy.deepcopy(self.args)
+        module = importlib.import_module(self.main_module)
+        add_new_flag_defaults(args, module.get_args_parser())
+        try:
+            return module.main(args)
+        finally:
+            misc.cleanup_distributed()
+
+    def _setup_job(self, job_env):
+        """Output folders with the job id, and the torchrun environment for init_distributed_mode."""
+        job_id = str(job_env.job_id)
+        self.args.output_dir = self.args.job_dir.replace("%j", job_id)
+        self.args.log_dir = (self.args.log_dir or self.args.output_dir).replace("%j", job_id)
+        Path(self.args.output_dir).mkdir(parents=True, exist_ok=True)
+        if job_env.num_tasks > 1:
+            # CUDA_VISIBLE_DEVICES stays as SLURM/submitit set it (all GPUs of the node): init_distributed_mode
+            # picks cuda:<local_rank> among them. overwrite: the job's own ranks win over inherited variables.
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        else:
+            for name in TORCHRUN_VARS:  # e.g. submitted from inside a torchrun process: stay single-process
+                os.environ.pop(name, None)
+        limit_cpu_threads(job_env.num_tasks // job_env.num_nodes)
+        print(f"submitit job {job_id}, task {job_env.global_rank}/{job_env.num_tasks} on {job_env.hostname}; "
+              f"output_dir {self.args.output_dir}", flush=True)
+
+    def checkpoint(self, *args, **kwargs):
+        """Called by submitit on preemption/timeout (rank 0): resubmit, resuming from the rolling checkpoint.
+
+        Training writes <output_dir>/checkpoint.pth after every epoch, so at most the current epoch is redone.
+        """
+        checkpoint = Path(self.args.output_dir) / ROLLING_CHECKPOINT
+        if checkpoint.is_file():
+            self.args.resume = str(checkpoint)
+        print(f"Requeuing job; it will resume from {self.args.resume or 'the start (no checkpoint yet)'}",
+              flush=True)
+        return submitit.helpers.DelayedSubmission(type(self)(self.args, self.main_module))
+
+
+def describe(args, executor_params: dict) -> str:
+    lines = [f"cluster: {args.cluster}", f"job_dir: {args.job_dir}", f"device: {args.device}"]
+    lines += [f"{k}: {v}" for k, v in sorted(executor_params.items())]
+    return "\n".join(lines)
+
+
+def submit(args, main_module: str):
+    """Submit the training job; returns the submitit Job (None for --dry_run).
+
+    --cluster debug runs the job here and now (job.result()); local and SLURM jobs run on in the background.
+    """
+    params = executor_parameters(args)
+    if args.dry_run:
+        print(describe(args, params))
+        return None
+    make_job_dir(args)
+    executor = build_executor(args)
+    job = executor.submit(Trainer(args, main_module))
+    print(f"Submitted job_id: {job.job_id} ({args.cluster}: {args.nodes} node(s) x {args.ngpus} processes, "
+          f"device {args.device})", flush=True)
+    print(f"Output (checkpoints, log.txt): {args.job_dir.replace('%j', str(job.job_id))}", flush=True)
+    print(f"Job logs: {job.paths.stdout} and {job.paths.stderr}", flush=True)
+    if args.cluster == "debug":
+        job.result()  # the debug executor only runs the job when its result is asked for
+    return job
+

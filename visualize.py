@@ -1,0 +1,109 @@
+"""Reconstruction figure of a DAMA pretraining checkpoint: masks, reconstructions and student 1's loss map.
+
+    python visualize.py --checkpoint output_dir/checkpoint.pth --out recon.png
+    python visualize.py --checkpoint ckpt.pth --dataset folder --data_path /data/cells --num_images 6 --per_channel
+
+Columns: input | mask1 | rec1 | mask2 | rec2 | loss1 (see util/visualize.py). The model, image size and data
+settings come from the checkpoint's saved args; the flags below override them. With the same --seed the
+images and masks are those of the --vis_freq figures written during training.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+import main_pretrain
+from util.checkpoint import CheckpointError, load_checkpoint
+from util.datasets import DataError, build_finetune_transform, build_pretrain_dataset, error_line
+from util.visualize import fixed_batch, parse_channels, reconstruction_figure, save_figure
+
+# Flags whose default is "whatever the checkpoint was trained with"
+DATA_OVERRIDES = ("dataset", "data_path", "img_size", "synthetic_size", "seed")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("DAMA reconstruction figure", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", "--resume", dest="checkpoint", required=True,
+                        help="pretraining checkpoint (checkpoint.pth; keeps both decoders)")
+    parser.add_argument("--out", default="reconstruction.png", help="PNG to write")
+    parser.add_argument("--dataset", default=None, choices=["folder", "synthetic"],
+                        help="default: the checkpoint's")
+    parser.add_argument("--data_path", default=None, help="image folder (default: the checkpoint's)")
+    parser.add_argument("--img_size", default=None, type=int,
+                        help="default: the checkpoint's; another size regenerates the fixed sin-cos position "
+                             "embeddings for the new patch grid")
+    parser.add_argument("--synthetic_size", default=None, type=int, help="default: the checkpoint's")
+    parser.add_argument("--seed", default=None, type=int,
+                        help="seed of the augmentation and the masks (default: the checkpoint's --seed)")
+    parser.add_argument("--num_images", default=4, type=int, help="images (rows) in the figure")
+    parser.add_argument("--channels", default=None,
+                        help="three channel indices shown as R,G,B (default 2,3,4 = NeuN,S100,Olig2 for 7 channels)")
+    parser.add_argument("--per_channel", action="store_true", help="add one grey-scale row per channel")
+    parser.add_argument("--view", default="train", choices=["train", "center"],
+                        help="train: the pretraining augmentation (fixed seed); center: the central half of "
+                             "each image resized to --img_size, no rotation or flip")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser
+
+
+def run_args(cli: argparse.Namespace, checkpoint: dict) -> argparse.Namespace:
+    """The pretraining args: main_pretrain defaults < the checkpoint's saved args < this script's flags."""
+    args = main_pretrain.get_args_parser().parse_args([])
+    saved = checkpoint.get("args") or {}
+    if not saved:
+        print(f"note: {cli.checkpoint} has no saved args; using main_pretrain.py defaults (--arch {args.arch})")
+    for key, value in saved.items():
+        setattr(args, key, value)
+    for key in DATA_OVERRIDES:
+        if getattr(cli, key) is not None:
+            setattr(args, key, getattr(cli, key))
+    return args
+
+
+def load_model(checkpoint: dict, args, path) -> torch.nn.Module:
+    """The pretraining model with the checkpoint's weights; at another --img_size the fixed sin-cos position
+    tables are the new model's (they are not learnt), everything else must match."""
+    model = main_pretrain.build_model(args)
+    state_dict = checkpoint["model"]
+    own = model.state_dict()
+    resized = {key for key in state_dict if key.endswith("pos_embed") and key in own
+               and state_dict[key].shape != own[key].shape}
+    state_dict = {key: value for key, value in state_dict.items() if key not in resized}
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    if set(missing) != resized or unexpected:
+        raise CheckpointError(f"checkpoint {path} does not match --arch {args.arch}: missing "
+                              f"{sorted(set(missing) - resized)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    return model
+
+
+def figure_dataset(args, view: str):
+    """The pretraining dataset, optionally with the deterministic central view instead of the augmentation."""
+    dataset = build_pretrain_dataset(args)
+    if view == "center":  # same crop size (half the side) as the augmentation, so the scale matches training
+        dataset.transform = build_finetune_transform(False, args.img_size, args.img_size // 2)
+    return dataset
+
+
+def main(cli: argparse.Namespace) -> Path:
+    checkpoint = load_checkpoint(cli.checkpoint)
+    args = run_args(cli, checkpoint)
+    channels = parse_channels(cli.channels, args.in_chans) if cli.channels else None
+    device = torch.device(cli.device)
+    model = load_model(checkpoint, args, cli.checkpoint).to(device)
+    imgs = fixed_batch(figure_dataset(args, cli.view), cli.num_images, args.seed).to(device)
+    image = reconstruction_figure(model, imgs, channels=channels, per_channel=cli.per_channel, seed=args.seed)
+    path = save_figure(image, cli.out)
+    print(f"Wrote {path} ({image.shape[2]}x{image.shape[1]} px, {imgs.shape[0]} images, epoch "
+          f"{checkpoint.get('epoch', '?')} of {cli.checkpoint})")
+    return path
+
+
+if __name__ == "__main__":
+    cli_args = get_args_parser().parse_args()
+    try:
+        main(cli_args)
+    except (CheckpointError, DataError, ValueError, OSError) as exc:
+        sys.stderr.write(f"error: {error_line(exc)}\n")
+        sys.exit(2)
