@@ -37,7 +37,8 @@ def get_args_parser():
     parser.add_argument("--mask_overlap_ratio", default=0.5, type=float,
                         help="fraction of student 1's visible patches that student 2 also sees")
     parser.add_argument("--mask_sampling", default="adaptive", choices=models_dama.MASK_SAMPLINGS,
-                        help="student 2's mask: by student 1's loss (DAMA) or at random (DAMA-rand)")
+                        help="student 2's mask: by student 1's loss (DAMA), at random (DAMA-rand), or 'reference': "
+                             "the reference code's batch-wide overlap defect, for comparison runs")
     parser.add_argument("--last_k_blocks", default=6, type=int,
                         help="student 2's last k blocks averaged into the regression target")
     parser.add_argument("--norm_pix_loss", default=True, action=argparse.BooleanOptionalAction,

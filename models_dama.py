@@ -18,7 +18,8 @@ from timm.models.vision_transformer import Block
 
 from util.pos_embed import get_2d_sincos_pos_embed
 
-MASK_SAMPLINGS = ("adaptive", "random")
+# 'reference' reproduces the reference code's batch-wide overlap defect, for comparison runs only.
+MASK_SAMPLINGS = ("adaptive", "random", "reference")
 INFO_PAIRINGS = ("positional", "aligned")
 INFO_REDUCTIONS = ("sum", "mean")
 
@@ -92,6 +93,8 @@ def adaptive_masking(mask1, loss1, mask_overlap_ratio, sampling="adaptive", gene
         raise ValueError(f"--mask_sampling must be one of {MASK_SAMPLINGS}, got {sampling!r}")
     n, num_patches = mask1.shape
     k = int((mask1[0] == 0).sum()) if num_visible is None else num_visible
+    if sampling == "reference":
+        return reference_adaptive_masking(mask1, loss1, mask_overlap_ratio, k)
     num_overlap = int(k * mask_overlap_ratio)
     mask1 = mask1.detach()
     hidden1 = mask1 > 0.5
@@ -120,6 +123,26 @@ def adaptive_masking(mask1, loss1, mask_overlap_ratio, sampling="adaptive", gene
     ids_restore2 = torch.argsort(ids_shuffle2, dim=1)
     mask2 = mask_from_visible(ids_keep2, num_patches)
     return mask2, ids_shuffle2, ids_restore2
+
+
+def reference_adaptive_masking(mask1, loss1, mask_overlap_ratio, num_visible):
+    """The reference code's adaptive masking, defects included, for comparison runs (--mask_sampling reference).
+
+    The overlap patches are the first O zeros of a stable argsort of mask1 (the lowest raster indices of
+    student 1's visible patches) and they are written into *every* row: each sample gets the union of the
+    whole batch's overlap positions. mask2 then has more than K zeros whenever the batch holds more than one
+    image; the K tokens student 2 encodes are its first K zeros in raster order, and its loss is taken over
+    mask2's ones only. With one image per batch this equals the intended rule with a fixed overlap choice.
+    """
+    n, num_patches = mask1.shape
+    k, num_overlap = num_visible, int(num_visible * mask_overlap_ratio)
+    mask1 = mask1.detach()
+    ids_hard = torch.argsort(loss1.detach().float() * mask1, dim=1)[:, 2 * k - num_overlap:]  # [N, H+O]
+    mask2 = (1.0 - mask1).scatter(1, ids_hard, 1.0)
+    ids_overlap = torch.argsort(mask1, dim=1, stable=True)[:, :num_overlap]  # [N, O]
+    mask2[:, ids_overlap.flatten()] = 0.0  # the defect: one batch-wide set of columns
+    ids_shuffle2 = torch.argsort(mask2, dim=1, stable=True)
+    return mask2, ids_shuffle2, torch.argsort(ids_shuffle2, dim=1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -344,6 +367,9 @@ class DAMA(nn.Module):
                                      ("--info_reduction", info_reduction, INFO_REDUCTIONS)):
             if value not in choices:
                 raise ValueError(f"{flag} must be one of {choices}, got {value!r}")
+        if mask_sampling == "reference" and info_pairing == "aligned":
+            raise ValueError("--info_pairing aligned needs exact masks; --mask_sampling reference does not give "
+                             "student 2 exactly O of student 1's patches (use adaptive or random)")
         student = partial(MAEStudent, img_size, patch_size, in_chans, embed_dim, depth, num_heads,
                           decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio)
         self.student1 = student()

@@ -269,3 +269,37 @@ def test_info_weight_zero_gives_the_reconstruction_losses_only():
     out = model(torch.rand(2, 1, 32, 32), info_weight=0.0)
     assert out["loss"].item() == pytest.approx((out["loss_recon1"] + out["loss_recon2"]).item(), rel=1e-6)
     assert out["loss_info"].item() > 0
+
+
+def test_reference_sampling_reproduces_the_batch_wide_overlap_defect():
+    n, num_patches, overlap = 8, 64, 0.5
+    mask1, loss1, k, gen = _masks(n, num_patches, 0.8)
+    num_overlap = int(k * overlap)
+    mask2, ids_shuffle2, ids_restore2 = adaptive_masking(mask1, loss1, overlap, sampling="reference", num_visible=k)
+    # every row gets the union of all rows' overlap columns: the lowest raster indices of each row's visible set
+    union = set()
+    for row in range(n):
+        union |= set(np.flatnonzero(mask1[row].numpy() == 0)[:num_overlap].tolist())
+    for row in range(n):
+        zeros = set(np.flatnonzero(mask2[row].numpy() == 0).tolist())
+        assert union <= zeros and len(zeros) > k
+        # the tokens student 2 encodes are its first K zeros in raster order
+        assert ids_shuffle2[row, :k].tolist() == sorted(zeros)[:k]
+        # the hardest H+O of student 1's hidden patches stay hidden unless the union reopened them
+        hidden1 = np.flatnonzero(mask1[row].numpy() == 1)
+        hardest = set(hidden1[np.argsort(loss1[row].numpy()[hidden1])][k - num_overlap:].tolist())
+        assert all(mask2[row, p] == 1 for p in hardest - union)
+    assert torch.equal(ids_shuffle2.gather(1, ids_restore2), torch.arange(num_patches).expand(n, -1))
+
+    # One image per batch: the intended rule, with the overlap fixed to the lowest raster indices.
+    mask2_one, _, _ = adaptive_masking(mask1[:1], loss1[:1], overlap, sampling="reference", num_visible=k)
+    assert (mask2_one == 0).sum() == k and ((mask1[:1] == 0) & (mask2_one == 0)).sum() == num_overlap
+
+
+def test_reference_sampling_trains_and_refuses_aligned_pairing():
+    model = models_dama.main_vit_tiny(img_size=32, patch_size=8, in_chans=1, mask_sampling="reference")
+    out = model(torch.rand(4, 1, 32, 32))
+    assert torch.isfinite(out["loss"]) and ((out["mask2"] == 0).sum(1) >= model.num_visible).all()
+    with pytest.raises(ValueError, match="--info_pairing aligned"):
+        models_dama.main_vit_tiny(img_size=32, patch_size=8, in_chans=1, mask_sampling="reference",
+                                  info_pairing="aligned")
