@@ -3,7 +3,6 @@ import math
 from contextlib import nullcontext
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from timm.utils import accuracy
 
@@ -83,12 +82,6 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int
     return {"loss": train_loss, "lr": current_lr(optimizer)}
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    if misc.is_dist_avail_and_initialized():
-        dist.all_reduce(tensor)
-    return tensor
-
-
 @torch.no_grad()
 def evaluate(data_loader, model, device, amp_dtype: str, num_classes: int, sharded: bool = True,
              print_freq: int = PRINT_FREQ) -> dict:
@@ -114,7 +107,7 @@ def evaluate(data_loader, model, device, amp_dtype: str, num_classes: int, shard
         for slot, acc in zip((1, 2), accuracy(logits.float(), targets, topk=topk)):
             totals[slot] += acc.double() * batch_size / 100.0  # percent of the batch -> correct count
     if sharded:
-        totals = all_reduce_sum(totals)
+        totals = misc.all_reduce_sum(totals)
     loss_sum, correct1, correct5, count = totals.tolist()
     if count == 0:
         raise ValueError("the validation set is empty: nothing to evaluate")

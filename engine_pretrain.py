@@ -31,8 +31,9 @@ def train_one_epoch(model, data_loader, optimizer, device, epoch, loss_scaler, l
                     batch_transform=None):
     """Train for one epoch and return the epoch's mean of each loss term (averaged over ranks) and lr.
 
-    Loss values stay on the device and are read back only every --print_freq steps (one host sync per
-    window instead of one per step); the non-finite check runs at the same points.
+    Loss values stay on the device and are read back only every --print_freq steps: the window's sums are
+    all-reduced there (one collective for all terms) and read once (one host sync per window instead of one
+    per step). The non-finite check runs on those rank-averaged values, so every rank stops at the same step.
     batch_transform, when given, maps each batch once it is on the device (the --gpu_augment path).
     """
     model.train()
@@ -44,7 +45,7 @@ def train_one_epoch(model, data_loader, optimizer, device, epoch, loss_scaler, l
     info_weight = info_weight_for_epoch(epoch, args)
 
     window_sums = torch.zeros(len(LOSS_TERMS), device=device)  # [4] loss terms summed since the last read
-    epoch_sums = torch.zeros(len(LOSS_TERMS), dtype=torch.float64)
+    epoch_sums = [0.0] * len(LOSS_TERMS)  # rank-averaged window sums, added up on the host
     window_count, lr = 0, optimizer.param_groups[0]["lr"]
     optimizer.zero_grad(set_to_none=True)
     for step, (samples, _) in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
@@ -65,10 +66,11 @@ def train_one_epoch(model, data_loader, optimizer, device, epoch, loss_scaler, l
         window_sums += torch.stack([out[k].detach().float() for k in LOSS_TERMS])
         window_count += 1
 
-        if window_count and (step % print_freq == 0 or step == num_steps - 1):
-            means = dict(zip(LOSS_TERMS, (window_sums / window_count).tolist()))  # the one host sync
-            check_finite(means, epoch, step)
-            epoch_sums += window_sums.double().cpu()
+        if step % print_freq == 0 or step == num_steps - 1:
+            sums = misc.all_reduce_mean_list(window_sums)  # the one collective and the one host sync
+            means = {k: v / window_count for k, v in zip(LOSS_TERMS, sums)}
+            check_finite(means, epoch, step)  # identical values on every rank: all stop together
+            epoch_sums = [total + v for total, v in zip(epoch_sums, sums)]
             for k, v in means.items():
                 metric_logger.meters[k].update(v, n=window_count)
             metric_logger.update(lr=lr)
@@ -76,7 +78,9 @@ def train_one_epoch(model, data_loader, optimizer, device, epoch, loss_scaler, l
             window_sums.zero_()
             window_count = 0
 
-    stats = {k: misc.all_reduce_mean(v) for k, v in zip(LOSS_TERMS, (epoch_sums / max(num_steps, 1)).tolist())}
+    # Every step ends up in one window (the last step closes one), and the windows are already averaged over
+    # ranks: the epoch means need no further collective.
+    stats = {k: total / max(num_steps, 1) for k, total in zip(LOSS_TERMS, epoch_sums)}
     stats["lr"] = lr
     print("Averaged stats:", "  ".join(f"{k}: {v:.4g}" for k, v in stats.items()))
     return stats
@@ -84,7 +88,6 @@ def train_one_epoch(model, data_loader, optimizer, device, epoch, loss_scaler, l
 
 def write_tensorboard(log_writer, means: dict, lr: float, epoch_float: float) -> None:
     """Losses (averaged over the window and over ranks) and lr, at x = 1000 * fractional epoch as in MAE."""
-    means = {k: misc.all_reduce_mean(v) for k, v in means.items()}
     if log_writer is None:
         return
     x = int(epoch_float * 1000)

@@ -140,19 +140,31 @@ def _comm_device() -> torch.device:
     return torch.device("cpu")
 
 
-def all_reduce_mean(value) -> float:
-    """Mean of a scalar (python number or 0-dim/1-element tensor) over all ranks, as a float.
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum `tensor` over all ranks in place (a no-op when not distributed) and return it."""
+    if is_dist_avail_and_initialized():
+        dist.all_reduce(tensor)
+    return tensor
 
-    A tensor is reduced where it lives, so a GPU value costs a single host sync (the final .item()).
+
+def all_reduce_mean_list(tensor: torch.Tensor) -> list:
+    """Element-wise mean over all ranks of a tensor's values, as a list of python floats.
+
+    One collective for the whole tensor, reduced in float64 where it lives (the argument is not changed), and
+    one host sync (the final .tolist()): every rank gets the same values.
     """
-    if not is_dist_avail_and_initialized():
-        return value.item() if torch.is_tensor(value) else float(value)
-    if torch.is_tensor(value):
-        total = value.detach().to(dtype=torch.float64, copy=True).reshape(())  # copy: all_reduce works in place
-    else:
-        total = torch.tensor(float(value), dtype=torch.float64, device=_comm_device())
-    dist.all_reduce(total)
-    return (total / get_world_size()).item()
+    total = all_reduce_sum(tensor.detach().to(dtype=torch.float64, copy=True).reshape(-1))
+    return (total / get_world_size()).tolist()
+
+
+def all_reduce_mean(value) -> float:
+    """Mean of a scalar (python number or 0-dim/1-element tensor) over all ranks, as a float."""
+    if not torch.is_tensor(value):
+        if not is_dist_avail_and_initialized():
+            return float(value)
+        value = torch.tensor(float(value), device=_comm_device())
+    (mean,) = all_reduce_mean_list(value)
+    return mean
 
 
 # ----------------------------------------------------------------------------------------------------------------
