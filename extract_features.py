@@ -17,7 +17,6 @@ classes [K] str, and pool, student, checkpoint. Load with np.load(path) (no pick
 import argparse
 import math
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +29,8 @@ from util.convert import (check_shapes, count_blocks, extract_encoder, fit_pos_e
 from util.datasets import (DEFAULT_VAL_CROP, DataError, ImageFileDataset, SyntheticCells, build_finetune_transform,
                            checked, class_folders, data_root, dataset_kind, error_line, image_folder_samples,
                            list_images, no_images_error, synthetic_size)
+from util.features import POOLINGS, extract_features
+from util.features import pool_tokens as pool_encoder_tokens
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -39,8 +40,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="features.npz", help=".npz file to write")
     parser.add_argument("--student", type=int, choices=(1, 2), default=1,
                         help="which student of a pretraining checkpoint (ignored for other checkpoints)")
-    parser.add_argument("--pool", default="cls", choices=("cls", "mean"), help="image embedding: cls token or "
-                                                                               "mean of the patch tokens")
+    parser.add_argument("--pool", default="cls", choices=POOLINGS, help="image embedding: cls token or "
+                                                                        "mean of the patch tokens")
     parser.add_argument("--dataset", default=None, choices=("folder", "synthetic"),
                         help="default: folder when --data_path is given, else synthetic")
     parser.add_argument("--data_path", default=None,
@@ -106,9 +107,12 @@ def pool_tokens(model, tokens: torch.Tensor, pool: str) -> torch.Tensor:
 
     mean goes through fc_norm, which is the Identity unless the model was fine-tuned with global pooling.
     """
-    if pool == "cls":
-        return tokens[:, 0]
-    return model.fc_norm(tokens[:, model.num_prefix_tokens:].mean(dim=1))
+    return pool_encoder_tokens(tokens, pool, model.num_prefix_tokens, model.fc_norm)
+
+
+def vit_encoder(model, pool: str):
+    """imgs [N, C, H, W] -> [N, D]: util.features' encoder function for the timm model of `load_encoder`."""
+    return lambda imgs: pool_tokens(model, model.forward_features(imgs), pool)  # tokens [N, 1+L, D]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -141,21 +145,6 @@ def feature_dataset(args, geometry: dict):
 # --------------------------------------------------------------------------------------------------
 # Extraction
 # --------------------------------------------------------------------------------------------------
-@torch.inference_mode()
-def embed(model, loader, pool: str, device, print_freq: int = 20):
-    """(features float32 [N, D], labels int64 [N]) over the loader, in its (unshuffled) order."""
-    features, labels = [], []
-    start, done, total = time.time(), 0, len(loader.dataset)
-    for step, (imgs, targets) in enumerate(loader):
-        tokens = model.forward_features(imgs.to(device, non_blocking=True))  # [B, 1+L, D]
-        features.append(pool_tokens(model, tokens, pool).float().cpu())
-        labels.append(torch.as_tensor(targets))
-        done += imgs.shape[0]
-        if step % print_freq == 0 or done == total:
-            print(f"[{done}/{total}] images  {done / max(time.time() - start, 1e-9):.1f} img/s", flush=True)
-    return torch.cat(features).numpy(), torch.cat(labels).long().numpy()
-
-
 def main(args) -> Path:
     if args.batch_size < 1 or args.print_freq < 1:
         raise ValueError(f"--batch_size and --print_freq must be at least 1, got {args.batch_size}, {args.print_freq}")
@@ -167,7 +156,8 @@ def main(args) -> Path:
           f"(student {args.student}, {args.pool} pooling, {geometry['img_size']} px) on {device}")
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
                                          num_workers=args.num_workers, pin_memory=device.type == "cuda")
-    features, labels = embed(model, loader, args.pool, device, args.print_freq)
+    features, labels = extract_features(vit_encoder(model, args.pool), loader, device, print_freq=args.print_freq)
+    features, labels = features.cpu().numpy(), labels.cpu().numpy()
     out = Path(args.out)
     out = out if out.suffix == ".npz" else out.with_name(out.name + ".npz")  # what np.savez writes anyway
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,8 @@ feature export.
 An "encoder function" maps a batch of images [N, C, H, W] to features [N, D]; `student_encoder` builds one
 from a pretraining student (DAMA's or MAE's `MAEStudent`) that sees every patch, unmasked.
 """
+import time
+
 import torch
 import torch.distributed as dist
 
@@ -17,34 +19,53 @@ def all_patch_ids(batch_size: int, num_patches: int, device) -> torch.Tensor:
     return torch.arange(num_patches, device=device).expand(batch_size, -1)
 
 
+def check_pool(pool: str) -> None:
+    if pool not in POOLINGS:
+        raise ValueError(f"feature pooling must be one of {POOLINGS}, got {pool!r}")
+
+
+def pool_tokens(tokens: torch.Tensor, pool: str, num_prefix_tokens: int = 1, norm=None) -> torch.Tensor:
+    """Encoder tokens [N, P+L, D] (P prefix tokens, cls first) -> image features [N, D]: the cls token
+    ('cls') or the mean of the patch tokens ('mean'), passed through `norm` when given (a fine-tuned
+    global-pool model's fc_norm)."""
+    if pool == "cls":
+        return tokens[:, 0]
+    pooled = tokens[:, num_prefix_tokens:].mean(dim=1)
+    return pooled if norm is None else norm(pooled)
+
+
 def student_encoder(student, pool: str = "mean"):
     """imgs [N, C, H, W] -> [N, D]: the student's final-normed tokens with every patch visible, pooled as
     the mean of the patch tokens ('mean', cls excluded) or the cls token ('cls')."""
-    if pool not in POOLINGS:
-        raise ValueError(f"feature pooling must be one of {POOLINGS}, got {pool!r}")
+    check_pool(pool)
 
     def encode(imgs: torch.Tensor) -> torch.Tensor:
         ids = all_patch_ids(imgs.shape[0], student.num_patches, imgs.device)
         latent, _ = student.forward_encoder(imgs, ids)  # [N, 1+L, D]
-        return latent[:, 1:].mean(dim=1) if pool == "mean" else latent[:, 0]
+        return pool_tokens(latent, pool)
 
     return encode
 
 
 @torch.no_grad()
-def extract_features(encoder_fn, loader, device, amp_dtype: str = "none"):
+def extract_features(encoder_fn, loader, device, amp_dtype: str = "none", print_freq: int = 0):
     """(features [N, D] float32, labels [N] int64), both on `device`, in the loader's order.
 
     The caller puts the encoder in eval mode; autocast (amp_dtype 'bf16'/'fp16') only speeds up the
-    forward, the features are returned in float32.
+    forward, the features are returned in float32. print_freq > 0: a progress line (images done, img/s)
+    every print_freq batches and after the last one.
     """
     device = torch.device(device)
     features, labels = [], []
-    for images, targets in loader:
+    start, done, total = time.time(), 0, len(loader.dataset) if print_freq > 0 else None
+    for step, (images, targets) in enumerate(loader):
         images = images.to(device, non_blocking=True)
         with misc.autocast_context(device, amp_dtype):
             features.append(encoder_fn(images).float())
         labels.append(torch.as_tensor(targets, device=device).long())
+        done += images.shape[0]
+        if print_freq > 0 and (step % print_freq == 0 or done == total):
+            print(f"[{done}/{total}] images  {done / max(time.time() - start, 1e-9):.1f} img/s", flush=True)
     if not features:
         raise ValueError("extract_features: the data loader yielded no images")
     return torch.cat(features), torch.cat(labels)
