@@ -89,7 +89,9 @@ def evaluate(data_loader, model, device, amp_dtype: str, num_classes: int, shard
 
     sharded (--dist_eval): each rank saw part of the set; sums of loss and correct predictions and the
     sample count are all-reduced, so ranks with different shard sizes are weighted by their number of
-    samples (not an average of per-rank averages). sharded=False: every rank saw the whole set.
+    samples (not an average of per-rank averages). sharded=False: every rank saw the whole set, nothing is
+    reduced. Pass sharded=args.dist_eval, matching main_finetune.build_loaders' validation sampler; a whole
+    set all-reduced would keep the loss and accuracies but count every image world_size times (the n printed).
     """
     model.eval()
     topk = (1, 5) if num_classes >= 5 else (1,)

@@ -111,7 +111,8 @@ def main(args):
     run = setup(args)
     loader_val = run["loaders"][1]
     if args.eval:
-        test_stats = evaluate(loader_val, run["model_without_ddp"], args.device, args.amp_dtype, run["num_classes"])
+        test_stats = evaluate(loader_val, run["model_without_ddp"], args.device, args.amp_dtype, run["num_classes"],
+                              sharded=args.dist_eval)
         main_finetune.print_eval_accuracy(len(loader_val.dataset), test_stats)
         return test_stats
     # the epoch loop, checkpoints and log.txt are fine-tuning's
