@@ -16,7 +16,6 @@ classes [K] str, and pool, student, checkpoint. Load with np.load(path) (no pick
 """
 import argparse
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +25,9 @@ import models_vit
 from util.checkpoint import CheckpointError
 from util.convert import (check_shapes, count_blocks, extract_encoder, fit_pos_embed, has_student_prefixes,
                           infer_arch, pretrained_arch_of, read_state_dict)
-from util.datasets import (DEFAULT_VAL_CROP, DataError, ImageFileDataset, SyntheticCells, build_finetune_transform,
-                           checked, class_folders, data_root, dataset_kind, error_line, image_folder_samples,
-                           list_images, no_images_error, synthetic_size)
+from util.datasets import (DEFAULT_VAL_CROP, ImageFileDataset, SyntheticCells, build_finetune_transform, checked,
+                           class_folders, data_root, dataset_kind, image_folder_samples, list_images, no_images_error,
+                           run_tool, synthetic_size)
 from util.features import POOLINGS, extract_features
 from util.features import pool_tokens as pool_encoder_tokens
 
@@ -169,9 +168,4 @@ def main(args) -> Path:
 
 
 if __name__ == "__main__":
-    cli_args = get_args_parser().parse_args()
-    try:
-        main(cli_args)
-    except (CheckpointError, DataError, ValueError, OSError) as exc:
-        sys.stderr.write(f"error: {error_line(exc)}\n")
-        sys.exit(2)
+    run_tool(main, get_args_parser().parse_args())

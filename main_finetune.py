@@ -194,6 +194,14 @@ def build_model(args, num_classes: int):
                                 drop_path_rate=args.drop_path, global_pool=args.global_pool)
 
 
+def build_finetune_model(args, num_classes: int):
+    """The classifier with the --finetune encoder loaded; a resumed run restores its fine-tuned weights instead."""
+    model = build_model(args, num_classes)
+    if args.finetune and not args.resume:
+        load_pretrained_encoder(model, args.finetune, student=args.student)
+    return model
+
+
 def build_optimizer(args, model_without_ddp):
     param_groups = lrd.param_groups_lrd(model_without_ddp, args.weight_decay,
                                         no_weight_decay_list=model_without_ddp.no_weight_decay(),
@@ -274,8 +282,12 @@ def train(args, model, model_without_ddp, loaders, criterion, mixup_fn, optimize
     return max_accuracy
 
 
-def setup(args):
-    """Everything before the first step; errors here are the user's flags or files."""
+def setup(args, make_model=build_finetune_model, make_optimizer=build_optimizer):
+    """Everything before the first step; errors here are the user's flags or files.
+
+    make_model(args, num_classes) and make_optimizer(args, model_without_ddp) are what main_linprobe.py
+    replaces (a frozen encoder, a head-only optimiser); everything else is shared.
+    """
     resolve_defaults(args)
     misc.init_distributed_mode(args)
     print(f"job dir: {os.path.dirname(os.path.realpath(__file__))}")
@@ -289,11 +301,9 @@ def setup(args):
     loaders = build_loaders(args, dataset_train, dataset_val)
     criterion, mixup_fn = build_criterion(args, num_classes)
 
-    model = build_model(args, num_classes)
     if not args.eval and not args.resume:
         find_resume_checkpoint(args)  # a requeued job continues from its own checkpoint.pth
-    if args.finetune and not args.resume:  # a resumed run restores its fine-tuned weights instead
-        load_pretrained_encoder(model, args.finetune, student=args.student)
+    model = make_model(args, num_classes)
     model.to(args.device)
     model_without_ddp = model
     model = wrap_ddp(args, model)
@@ -301,7 +311,7 @@ def setup(args):
     resolve_lr(args, misc.get_world_size())
     effective_batch = args.batch_size * args.accum_iter * misc.get_world_size()
     print(f"lr: {args.lr:.3e} (blr {args.blr:.3e} x effective batch {effective_batch} / 256 unless --lr)")
-    optimizer = build_optimizer(args, model_without_ddp)
+    optimizer = make_optimizer(args, model_without_ddp)
     loss_scaler = misc.LossScaler(args.amp_dtype, args.device)
     checkpoint = resume(args, model_without_ddp, optimizer, loss_scaler)
     max_accuracy = float(checkpoint.get("max_accuracy", 0.0)) if checkpoint else 0.0
@@ -310,8 +320,9 @@ def setup(args):
                 max_accuracy=max_accuracy)
 
 
-def main(args):
-    run = setup(args)
+def main(args, setup_fn=setup):
+    """--eval: one evaluation pass; otherwise the training loop. setup_fn: main_linprobe.py's setup."""
+    run = setup_fn(args)
     loader_val = run["loaders"][1]
     if args.eval:
         test_stats = evaluate(loader_val, run["model_without_ddp"], args.device, args.amp_dtype,
@@ -329,14 +340,17 @@ def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
-def run_cli(argv=None) -> int:
-    """Exit code 2 with one `error: ...` line for bad flags/files, 1 for a diverged run."""
-    parser = argparse.ArgumentParser("DAMA fine-tuning", parents=[get_args_parser()])
+def run_cli(argv=None, parent_parser=None, prog="DAMA fine-tuning", main_fn=main) -> int:
+    """Exit code 2 with one `error: ...` line for bad flags/files, 1 for a diverged run.
+
+    parent_parser (default: get_args_parser()), prog and main_fn: main_linprobe.py's.
+    """
+    parser = argparse.ArgumentParser(prog, parents=[parent_parser or get_args_parser()])
     args = parser.parse_args(argv)
     if args.output_dir:
         os.makedirs(args.output_dir, exist_ok=True)
     try:
-        main(args)
+        main_fn(args)
     except (DataError, CheckpointError, ValueError) as exc:
         sys.stderr.write(f"error: {one_line(exc)}\n")  # plain write: print() may be rank-filtered
         return 2

@@ -8,14 +8,13 @@ settings come from the checkpoint's saved args; the flags below override them. W
 images and masks are those of the --vis_freq figures written during training.
 """
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
 import main_pretrain
 from util.checkpoint import CheckpointError, load_checkpoint
-from util.datasets import DataError, build_finetune_transform, build_pretrain_dataset, error_line
+from util.datasets import build_finetune_transform, build_pretrain_dataset, run_tool
 from util.visualize import fixed_batch, parse_channels, reconstruction_figure, save_figure
 
 # Flags whose default is "whatever the checkpoint was trained with"
@@ -101,9 +100,4 @@ def main(cli: argparse.Namespace) -> Path:
 
 
 if __name__ == "__main__":
-    cli_args = get_args_parser().parse_args()
-    try:
-        main(cli_args)
-    except (CheckpointError, DataError, ValueError, OSError) as exc:
-        sys.stderr.write(f"error: {error_line(exc)}\n")
-        sys.exit(2)
+    run_tool(main, get_args_parser().parse_args())

@@ -17,7 +17,6 @@ each single-process with one thread (what one DataLoader worker does) and throug
     python benchmarks/bench_data.py --img_size 224 --num_workers 16 --pipelines cpu gpu --device cuda
 """
 import argparse
-import json
 import math
 import os
 import sys
@@ -32,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's modules live in the repo root
 
+from benchmarks.common import emit, fmt  # noqa: E402
 from util.datasets import ImageFileDataset, build_pretrain_transform, list_images  # noqa: E402
 from util.gpu_augment import CroppedImageFiles, GPUAugment, crop_size  # noqa: E402
 
@@ -168,24 +168,12 @@ def markdown_table(rows) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         workers = {0: "1 (in process)", None: "- (device)"}.get(r["workers"], r["workers"])
-        lines.append(f"| {r['pipeline']} | {r['layout']} | {r['img_size']} | {_fmt(r['file_size'])} | {workers} "
-                     f"| {r['img_per_s']:,.0f} | {_fmt(r['img_per_s_per_worker'])} "
-                     f"| {_fmt(r['ms_per_img_per_worker'])} "
-                     f"| {_fmt(r['workers_for_target'])} (of {_fmt(r['target_img_per_s'])}/s) |")
+        lines.append(f"| {r['pipeline']} | {r['layout']} | {r['img_size']} | {fmt(r['file_size'], ',')} | {workers} "
+                     f"| {r['img_per_s']:,.0f} | {fmt(r['img_per_s_per_worker'], ',')} "
+                     f"| {fmt(r['ms_per_img_per_worker'], ',')} "
+                     f"| {fmt(r['workers_for_target'], ',')} (of {fmt(r['target_img_per_s'], ',')}/s) |")
     lines.append("\nReference numpy/cv2 pipeline: about 230 img/s per core at 224 px (issue 6).")
     return "\n".join(lines)
-
-
-def _fmt(value):
-    return "-" if value is None else f"{value:,}"
-
-
-def emit(row, out_path):
-    line = json.dumps(row)
-    print(line, flush=True)
-    if out_path:
-        with open(out_path, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
 
 
 def get_args_parser():

@@ -16,7 +16,6 @@ config (as soon as it is measured), then a Markdown table; --out FILE also appen
 import argparse
 import gc
 import itertools
-import json
 import math
 import platform
 import sys
@@ -34,6 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's mo
 
 import models_dama  # noqa: E402
 import util.misc as misc  # noqa: E402
+from benchmarks.common import emit, fmt  # noqa: E402
+from engine_pretrain import LOSS_TERMS  # noqa: E402
 from util.lr_decay import param_groups_weight_decay  # noqa: E402
 
 # The issue-6 rows: the reference's img/s on one H100 80GB HBM3 with torch 2.11, and the targets.
@@ -47,7 +48,6 @@ TARGET_IMG_PER_S = {("main_vit_base", 224, 256, "bf16"): 3500, ("main_vit_tiny",
 TARGET_PEAK_MEM_GIB = {("main_vit_base", 224, 256, "bf16"): 44.0}  # the reference's peak at that batch
 DEFAULT_CONFIGS = ("vit_base:224:64:fp16", "vit_base:224:256:bf16", "vit_tiny:224:256:bf16",
                    "vit_tiny:128:128:fp16", "vit_tiny:128:256:bf16")
-LOSS_TERMS = ("loss", "loss_recon1", "loss_recon2", "loss_info")
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class Config:
 def arch_name(name: str) -> str:
     """'vit_base' -> 'main_vit_base'; full model names (main_*, mae_*) pass through."""
     full = f"main_{name}" if name.startswith("vit_") else name
-    known = sorted(models_dama.ARCH_CONFIGS if hasattr(models_dama, "ARCH_CONFIGS") else models_dama.ENCODER_CONFIGS)
+    known = sorted(models_dama.ARCH_CONFIGS)
     if full not in known:
         raise ValueError(f"unknown arch {name!r}; expected one of {known} (or without the 'main_' prefix)")
     return full
@@ -339,10 +339,6 @@ def check_numerics(cfg: Config, args, compiled: bool, device) -> dict:
 # ----------------------------------------------------------------------------------------------------
 # Output
 # ----------------------------------------------------------------------------------------------------
-def _fmt(value, spec=""):
-    return "-" if value is None else format(value, spec)
-
-
 def markdown_table(rows: list) -> str:
     header = ("| arch | img | batch | dtype | compile | step ms | img/s | ref img/s | x ref | target img/s "
               "| TFLOP/s | GFLOP/img | peak GiB | note |")
@@ -353,19 +349,11 @@ def markdown_table(rows: list) -> str:
         flop_img = r["flop_per_img"] / 1e9 if "flop_per_img" in r else None
         compiled = (r["compile_mode"] or "on") if r["compile"] else "off"
         lines.append(f"| {r['arch']} | {r['img_size']} | {r['batch_size']} | {r['dtype']} | {compiled} "
-                     f"| {_fmt(r.get('step_ms'), '.1f')} | {_fmt(r.get('img_per_s'), ',.0f')} "
-                     f"| {_fmt(r.get('reference_img_per_s'), ',')} | {_fmt(speedup, '.2f')} "
-                     f"| {_fmt(r.get('target_img_per_s'), ',')} | {_fmt(r.get('tflops'), '.1f')} "
-                     f"| {_fmt(flop_img, '.1f')} | {_fmt(r.get('peak_mem_gib'), '.1f')} | {r.get('error', '')} |")
+                     f"| {fmt(r.get('step_ms'), '.1f')} | {fmt(r.get('img_per_s'), ',.0f')} "
+                     f"| {fmt(r.get('reference_img_per_s'), ',')} | {fmt(speedup, '.2f')} "
+                     f"| {fmt(r.get('target_img_per_s'), ',')} | {fmt(r.get('tflops'), '.1f')} "
+                     f"| {fmt(flop_img, '.1f')} | {fmt(r.get('peak_mem_gib'), '.1f')} | {r.get('error', '')} |")
     return "\n".join(lines)
-
-
-def emit(row: dict, out_path):
-    line = json.dumps(row)
-    print(line, flush=True)
-    if out_path:
-        with open(out_path, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
 
 
 def get_args_parser():

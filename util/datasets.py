@@ -7,6 +7,7 @@ one clean line (`error_line`) instead of a traceback.
 import math
 import os
 import re
+import sys
 import zlib
 from pathlib import Path
 
@@ -606,6 +607,16 @@ def error_line(exc: BaseException) -> str:
     if name == DataError.__name__:
         return message or name
     return f"{name}: {message}" if message else name
+
+
+def run_tool(main, args, exit_code: int = 2):
+    """main(args) for a command-line tool: a user error (ValueError, which DataError and CheckpointError are,
+    or OSError) ends the process with one `error: ...` line on stderr and `exit_code`, not a traceback."""
+    try:
+        return main(args)
+    except (ValueError, OSError) as exc:
+        sys.stderr.write(f"error: {error_line(exc)}\n")
+        sys.exit(exit_code)
 
 
 def _original_exception(worker_message: str):
