@@ -1,6 +1,5 @@
 """One fine-tuning epoch and one evaluation pass (MAE's engine_finetune, with fewer host syncs)."""
 import math
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -31,13 +30,6 @@ def check_finite(loss_sum: torch.Tensor, epoch: int, step: int) -> float:
     return total
 
 
-def grad_sync_context(model, update_grad: bool):
-    """DDP: skip the gradient all-reduce on accumulation steps; it is needed only before the optimizer step."""
-    if not update_grad and hasattr(model, "no_sync"):
-        return model.no_sync()
-    return nullcontext()
-
-
 def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int, loss_scaler, args,
                     mixup_fn=None, log_writer=None, print_freq: int = PRINT_FREQ) -> dict:
     """Train one epoch; returns {'loss': mean training loss over all ranks, 'lr': last lr}."""
@@ -59,7 +51,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int
             samples, targets = mixup_fn(samples, targets)  # targets -> soft [N, num_classes]
 
         update_grad = (step + 1) % accum_iter == 0 or step + 1 == num_steps
-        with grad_sync_context(model, update_grad):
+        with misc.grad_sync_context(model, update_grad):
             with misc.autocast_context(device, args.amp_dtype):
                 logits = model(samples)  # [N, num_classes]
                 loss = criterion(logits.float(), targets)

@@ -1,6 +1,5 @@
 """One epoch of DAMA pretraining."""
 import math
-from contextlib import nullcontext
 
 import torch
 
@@ -55,9 +54,7 @@ def train_one_epoch(model, data_loader, optimizer, device, epoch, loss_scaler, l
         if batch_transform is not None:  # e.g. util.gpu_augment.GPUAugment: augmentation on the device
             samples = batch_transform(samples)
         update_grad = (step + 1) % accum_iter == 0
-        # Skip DDP's gradient all-reduce on accumulation steps that do not update the weights.
-        sync_context = model.no_sync() if (args.distributed and not update_grad) else nullcontext()
-        with sync_context:
+        with misc.grad_sync_context(model, update_grad):  # no DDP all-reduce on accumulation-only steps
             with misc.autocast_context(device, args.amp_dtype):
                 out = model(samples, info_weight=info_weight)
             loss_scaler(out["loss"] / accum_iter, optimizer, parameters=model.parameters(), update_grad=update_grad)

@@ -203,9 +203,8 @@ def build_finetune_model(args, num_classes: int):
 
 
 def build_optimizer(args, model_without_ddp):
-    param_groups = lrd.param_groups_lrd(model_without_ddp, args.weight_decay,
-                                        no_weight_decay_list=model_without_ddp.no_weight_decay(),
-                                        layer_decay=args.layer_decay)
+    # param_groups_lrd adds the model's no_weight_decay() names (pos_embed, cls_token, ...) itself
+    param_groups = lrd.param_groups_lrd(model_without_ddp, args.weight_decay, layer_decay=args.layer_decay)
     fused = torch.device(args.device).type == "cuda"  # one kernel for all parameters
     return torch.optim.AdamW(param_groups, lr=args.lr, fused=fused)
 

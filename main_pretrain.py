@@ -149,7 +149,9 @@ def main(args):
     knn_monitor = KnnMonitor(args) if args.knn_freq > 0 else None  # labelled-data errors surface now
     model.to(device)
     batch_transform = GPUAugment(args.img_size).to(device) if args.gpu_augment else None
-    vis_dataset = build_pretrain_dataset(args) if args.gpu_augment else dataset  # full-size images
+    vis_dataset = None  # the --vis_freq figures (rank 0): full-size images, which --gpu_augment's items are not
+    if args.vis_freq > 0 and misc.is_main_process():
+        vis_dataset = build_pretrain_dataset(args) if args.gpu_augment else dataset
     model_without_ddp = model
     print(f"model: {args.arch}, {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M "
           f"trainable parameters; {model.num_visible} of {model.num_patches} patches visible per student, "
@@ -181,7 +183,7 @@ def main(args):
         save_model(args, epoch, model_without_ddp, optimizer, loss_scaler)
         if (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs:
             save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, name=epoch)
-        if args.vis_freq > 0 and (epoch + 1) % args.vis_freq == 0 and misc.is_main_process():
+        if vis_dataset is not None and (epoch + 1) % args.vis_freq == 0:
             write_training_figure(model_without_ddp, vis_dataset, epoch, log_writer, args)  # fixed images and masks
         knn_stats = knn_monitor.log(epoch, model_without_ddp.student1, device, log_writer) if knn_monitor else {}
         misc.append_json_log(args.output_dir,

@@ -90,7 +90,6 @@ def warp_grid(size: int, angle_deg, shift, flip):
     positions the shift brought in from outside the frame are invalid (zero, as the nearest-neighbour
     shift of torchvision fills them).
     """
-    n = angle_deg.shape[0]
     centres = pixel_centres(size, angle_deg.device)
     y, x = torch.meshgrid(centres, centres, indexing="ij")  # [S, S] each
     sign = 1.0 - 2.0 * flip.float()  # [N, 2]: -1 where flipped

@@ -167,6 +167,16 @@ def all_reduce_mean(value) -> float:
     return mean
 
 
+def grad_sync_context(model, update_grad: bool):
+    """DDP: skip the gradient all-reduce on accumulation steps; it is needed only before the optimizer step.
+
+    A no-op for a model without no_sync (not wrapped in DDP); a torch.compile'd DDP model forwards it.
+    """
+    if not update_grad and hasattr(model, "no_sync"):
+        return model.no_sync()
+    return nullcontext()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Metric logging
 # ----------------------------------------------------------------------------------------------------------------
