@@ -7,10 +7,9 @@ and as a ViTDet backbone (MMDetection `init_cfg=dict(type='Pretrained', checkpoi
     python convert_checkpoint.py --input output_dir/checkpoint.pth --output encoder.pth [--student 2]
 """
 import argparse
-import sys
 
-from util.checkpoint import CheckpointError
 from util.convert import export_encoder
+from util.datasets import run_tool
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -30,9 +29,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    cli_args = get_args_parser().parse_args()
-    try:
-        main(cli_args)
-    except (CheckpointError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_tool(main, get_args_parser().parse_args())

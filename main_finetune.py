@@ -332,13 +332,6 @@ def main(args, setup_fn=setup):
                  run["optimizer"], run["loss_scaler"], run["num_classes"], run["max_accuracy"])
 
 
-def one_line(exc: BaseException) -> str:
-    """Our own messages as they are; DataLoader worker re-raises reduced to the original error's line."""
-    if isinstance(exc, DataError) or type(exc) not in (ValueError, CheckpointError):
-        return error_line(exc)
-    return " ".join(str(exc).split())
-
-
 def run_cli(argv=None, parent_parser=None, prog="DAMA fine-tuning", main_fn=main) -> int:
     """Exit code 2 with one `error: ...` line for bad flags/files, 1 for a diverged run.
 
@@ -351,7 +344,7 @@ def run_cli(argv=None, parent_parser=None, prog="DAMA fine-tuning", main_fn=main
     try:
         main_fn(args)
     except (DataError, CheckpointError, ValueError) as exc:
-        sys.stderr.write(f"error: {one_line(exc)}\n")  # plain write: print() may be rank-filtered
+        sys.stderr.write(f"error: {error_line(exc)}\n")  # plain write: print() may be rank-filtered
         return 2
     except NonFiniteLossError as exc:
         sys.stderr.write(f"error: {exc}\n")

@@ -594,8 +594,14 @@ _WORKER_MARKER = "in DataLoader worker process"
 _EXCEPTION_LINE = re.compile(r"([A-Za-z_][\w.]*)(?:: (.*))?$")
 
 
+# The project's own errors (flags, files, checkpoints, a diverged run): their messages say what is wrong,
+# so the type name adds nothing. Named, not imported: util.checkpoint and the engines import util.misc.
+_OWN_ERRORS = ("DataError", "CheckpointError", "ValueError", "NonFiniteLossError")
+
+
 def error_line(exc: BaseException) -> str:
-    """One clean line for `exc`: the message of a DataError, 'Type: message' for anything else.
+    """One clean line for `exc`: the message of our own errors (DataError, CheckpointError, ValueError,
+    NonFiniteLossError), 'Type: message' for anything else. Every script prints it as `error: <line>`.
 
     A DataLoader worker re-raises with a message holding the whole worker traceback ("Caught X in
     DataLoader worker process N. Original Traceback ..."): the original exception's line is taken from it.
@@ -604,7 +610,7 @@ def error_line(exc: BaseException) -> str:
     if _WORKER_MARKER in message:
         name, message = _original_exception(message)
     message = " ".join(line.strip() for line in message.splitlines() if line.strip())
-    if name == DataError.__name__:
+    if name in _OWN_ERRORS:
         return message or name
     return f"{name}: {message}" if message else name
 
