@@ -15,7 +15,6 @@ directly in --data_path; the synthetic cell type), paths [N] str (file path, or 
 classes [K] str, and pool, student, checkpoint. Load with np.load(path) (no pickle needed).
 """
 import argparse
-import math
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +22,7 @@ import torch
 
 import models_vit
 from util.checkpoint import CheckpointError
-from util.convert import (check_shapes, count_blocks, extract_encoder, fit_pos_embed, has_student_prefixes,
-                          infer_arch, pretrained_arch_of, read_state_dict)
+from util.convert import check_shapes, encoder_metadata, fit_pos_embed, read_encoder
 from util.datasets import (DEFAULT_VAL_CROP, ImageFileDataset, SyntheticCells, build_finetune_transform, checked,
                            class_folders, data_root, dataset_kind, image_folder_samples, list_images, no_images_error,
                            run_tool, synthetic_size)
@@ -62,33 +60,22 @@ def get_args_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------------------
 # Encoder
 # --------------------------------------------------------------------------------------------------
-def encoder_geometry(encoder: dict, path) -> dict:
-    """img_size, patch_size, in_chans and arch read from the weights themselves (any checkpoint kind)."""
-    if "patch_embed.proj.weight" not in encoder or "pos_embed" not in encoder:
-        raise CheckpointError(f"checkpoint {path}: no 'patch_embed.proj.weight' / 'pos_embed'; not a ViT encoder")
-    embed_dim, in_chans, patch_size, _ = encoder["patch_embed.proj.weight"].shape  # [D, C, p, p]
-    grid = math.isqrt(encoder["pos_embed"].shape[1] - 1)  # cls row + grid x grid patches
-    return dict(img_size=grid * patch_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
-                depth=count_blocks(encoder))
-
-
 def load_encoder(path: str, student: int = 1, img_size: int = None):
     """(timm VisionTransformer without classifier, geometry dict) for any checkpoint kind, in eval mode.
 
-    A fine-tuned global-pool model keeps its fc_norm (and has no final norm); the others keep the final norm.
+    geometry: util.convert.encoder_metadata (arch, img_size, patch_size, in_chans, embed_dim, depth, ...), with
+    img_size replaced when given. A fine-tuned global-pool model keeps its fc_norm (and has no final norm); the
+    others keep the final norm.
     """
-    state_dict, checkpoint = read_state_dict(path)
-    if student == 2 and not has_student_prefixes(state_dict):
+    encoder, checkpoint, from_students = read_encoder(path, student)
+    if student == 2 and not from_students:
         print(f"note: {path} is not a pretraining checkpoint; --student 2 has no effect")
-    encoder = extract_encoder(state_dict, student)
-    geometry = encoder_geometry(encoder, path)
-    arch = pretrained_arch_of(checkpoint)
-    if arch not in models_vit.VIT_CONFIGS:  # exported files, MAE baseline names, foreign checkpoints
-        arch = infer_arch(geometry["embed_dim"], geometry["depth"])
+    geometry = encoder_metadata(encoder, checkpoint, student, path)
+    arch = geometry["arch"]
     if not arch:
         raise CheckpointError(f"checkpoint {path}: width {geometry['embed_dim']} and depth {geometry['depth']} "
                               f"match none of {sorted(models_vit.VIT_CONFIGS)}")
-    geometry.update(arch=arch, img_size=img_size or geometry["img_size"])
+    geometry["img_size"] = img_size or geometry["img_size"]
     model = models_vit.build_vit(arch, img_size=geometry["img_size"], patch_size=geometry["patch_size"],
                                  in_chans=geometry["in_chans"], num_classes=0, drop_path_rate=0.0,
                                  global_pool="fc_norm.weight" in encoder)

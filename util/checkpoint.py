@@ -109,6 +109,16 @@ def _short_reason(exc: Exception) -> str:
     return f"{type(exc).__name__}: {lines[0] if lines else ''}"
 
 
+def torch_load(path, map_location="cpu"):
+    """torch.load(weights_only=True), with the argparse Namespace the reference code stored allowed (nothing else);
+    CheckpointError naming the file when it cannot be read (torch raises several types for truncated/foreign files)."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"could not read checkpoint {path}: {_short_reason(exc)}") from exc
+
+
 def load_checkpoint(path, map_location="cpu") -> dict:
     """torch.load(weights_only=True) a training checkpoint; CheckpointError if missing, unreadable or not one.
 
@@ -116,11 +126,7 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     """
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"could not read checkpoint {path}: {_short_reason(exc)}") from exc
+    checkpoint = torch_load(path, map_location)
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
         found = f"keys {sorted(checkpoint)[:_KEYS_SHOWN]}" if isinstance(checkpoint, dict) else \
             f"a {type(checkpoint).__name__}"

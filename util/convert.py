@@ -13,7 +13,7 @@ import os
 import torch
 
 from models_vit import VIT_CONFIGS, init_head, uses_fc_norm
-from util.checkpoint import CheckpointError, save_checkpoint
+from util.checkpoint import CheckpointError, save_checkpoint, torch_load
 from util.pos_embed import resample_pos_embed
 
 STUDENT_PREFIXES = {1: ("student1.", "base_encoder."), 2: ("student2.", "momentum_encoder.")}
@@ -62,12 +62,7 @@ def read_state_dict(path: str) -> tuple:
     """(state_dict, checkpoint) from a file holding {'model': sd, ...} or a bare sd."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist (check --finetune / --input)")
-    try:
-        # the reference code pickled its args as a Namespace; allow that one class, nothing else
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for truncated / foreign files
-        raise CheckpointError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0]}") from exc
+    checkpoint = torch_load(path)
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(checkpoint).__name__}, expected a dict")
     state_dict = checkpoint.get("model", checkpoint)
@@ -75,6 +70,17 @@ def read_state_dict(path: str) -> tuple:
         raise CheckpointError(f"checkpoint {path} holds no model weights (expected {{'model': state_dict}} "
                               f"or a bare state dict)")
     return state_dict, checkpoint
+
+
+def read_encoder(path: str, student: int = 1) -> tuple:
+    """(encoder state dict in timm names, checkpoint, whether the file held students) for any checkpoint kind
+    (pretraining, exported encoder, fine-tuned classifier); errors name the file."""
+    state_dict, checkpoint = read_state_dict(path)
+    try:
+        encoder = extract_encoder(state_dict, student)
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint {path}: {exc}") from exc
+    return encoder, checkpoint, has_student_prefixes(state_dict)
 
 
 def shape_mismatch_hint(key: str, ckpt_shape: torch.Size, model_shape: torch.Size, pretrained_arch: str) -> str:
@@ -142,11 +148,7 @@ def pretrained_arch_of(checkpoint: dict) -> str:
 
 def load_pretrained_encoder(model: torch.nn.Module, path: str, student: int = 1) -> None:
     """Initialise a models_vit classifier from a pretraining or encoder-only checkpoint (--finetune)."""
-    state_dict, checkpoint = read_state_dict(path)
-    try:
-        encoder = extract_encoder(state_dict, student)
-    except ValueError as exc:
-        raise ValueError(f"checkpoint {path}: {exc}") from exc
+    encoder, checkpoint, from_students = read_encoder(path, student)
     if uses_fc_norm(model):
         # pooled features go through fc_norm; the encoder's final norm is not part of this model
         encoder = {key: value for key, value in encoder.items() if key not in FINAL_NORM_KEYS}
@@ -162,7 +164,7 @@ def load_pretrained_encoder(model: torch.nn.Module, path: str, student: int = 1)
     if wrongly_missing:
         raise ValueError(f"checkpoint {path}: missing keys {key_list(wrongly_missing)}{arch_hint}")
     init_head(model)
-    source = f"student {student} of " if has_student_prefixes(state_dict) else ""
+    source = f"student {student} of " if from_students else ""
     print(f"Loaded the encoder of {source}{path} (newly initialised: {sorted(missing)})")
 
 
@@ -178,13 +180,19 @@ def infer_arch(embed_dim: int, depth: int) -> str:
     return ""
 
 
-def encoder_metadata(encoder: dict, checkpoint: dict, student: int) -> dict:
-    """timm pretrained_cfg-like description of the encoder (read from the weights, arch from the run's args)."""
+def encoder_metadata(encoder: dict, checkpoint: dict, student: int, path: str = "") -> dict:
+    """timm pretrained_cfg-like description of the encoder, read from the weights themselves (any checkpoint
+    kind): arch is the run's --arch when it is one of ours, else the size whose width and depth match ('' if
+    none does)."""
+    if "patch_embed.proj.weight" not in encoder or "pos_embed" not in encoder:
+        raise CheckpointError(f"checkpoint {path}: no 'patch_embed.proj.weight' / 'pos_embed'; not a ViT encoder")
     proj = encoder["patch_embed.proj.weight"]  # [D, C, p, p]
     embed_dim, in_chans, patch_size = proj.shape[0], proj.shape[1], proj.shape[-1]
     depth = count_blocks(encoder)
-    grid = math.isqrt(encoder["pos_embed"].shape[1] - 1) if "pos_embed" in encoder else 0
-    arch = pretrained_arch_of(checkpoint) or infer_arch(embed_dim, depth)
+    grid = math.isqrt(encoder["pos_embed"].shape[1] - 1)  # cls row + grid x grid patches
+    arch = pretrained_arch_of(checkpoint)
+    if arch not in VIT_CONFIGS:  # exported files, foreign checkpoints
+        arch = infer_arch(embed_dim, depth)
     num_heads = VIT_CONFIGS[arch]["num_heads"] if arch in VIT_CONFIGS else None
     return dict(arch=arch, img_size=grid * patch_size, patch_size=patch_size, in_chans=in_chans,
                 embed_dim=embed_dim, depth=depth, num_heads=num_heads, student=student,
@@ -209,14 +217,8 @@ def timm_pretrained_cfg(metadata: dict) -> dict:
 def export_encoder(ckpt_path: str, out_path: str, student: int = 1) -> dict:
     """Write {'model': encoder state dict, 'pretrained_cfg': metadata, 'timm_pretrained_cfg': timm fields}
     atomically; returns the metadata."""
-    state_dict, checkpoint = read_state_dict(ckpt_path)
-    try:
-        encoder = extract_encoder(state_dict, student)
-    except ValueError as exc:
-        raise ValueError(f"checkpoint {ckpt_path}: {exc}") from exc
-    if "patch_embed.proj.weight" not in encoder:
-        raise ValueError(f"checkpoint {ckpt_path}: no 'patch_embed.proj.weight'; not a ViT encoder checkpoint")
-    metadata = encoder_metadata(encoder, checkpoint, student)
+    encoder, checkpoint, _ = read_encoder(ckpt_path, student)
+    metadata = encoder_metadata(encoder, checkpoint, student, ckpt_path)
     out_dir = os.path.dirname(out_path)
     if out_dir:  # a bare file name means the current directory
         os.makedirs(out_dir, exist_ok=True)
