@@ -141,12 +141,13 @@ def test_mae_pretraining_with_knn_monitor_then_finetune_load_and_linear_probe(tm
 # ------------------------------------------------------------------------------------------------
 # Cross-validation table
 # ------------------------------------------------------------------------------------------------
-def save_dama_checkpoint(path: Path) -> Path:
-    """A checkpoint in main_pretrain.py's format, without running it."""
-    torch.manual_seed(0)
-    model = models_dama.main_vit_tiny(img_size=32, patch_size=8)
-    torch.save({"model": model.state_dict(), "epoch": 0, "args": {"arch": "main_vit_tiny"}}, path)
-    return path
+def short_dama_run(out: Path) -> Path:
+    """The checkpoint of a real (tiny) DAMA pretraining run: one epoch, two steps, on the synthetic set."""
+    run_script("main_pretrain.py", "--dataset", "synthetic", "--arch", "main_vit_tiny", *TINY, "--synthetic_size", "16",
+               "--batch_size", "8", "--epochs", "1", "--decoder_embed_dim", "32", "--decoder_depth", "1",
+               "--decoder_num_heads", "2", "--output_dir", out)
+    assert [line["epoch"] for line in read_log(out / "log.txt")] == [0]
+    return out / "checkpoint.pth"
 
 
 def fold_result(log_path: Path) -> float:
@@ -175,7 +176,7 @@ def check_table(out: Path, names: list, num_folds: int):
 
 
 def test_crossval_table_comes_from_real_runs(tmp_path):
-    checkpoint = save_dama_checkpoint(tmp_path / "dama.pth")
+    checkpoint = short_dama_run(tmp_path / "dama")
     out = tmp_path / "cv"
     common = ["crossval.py", "--dataset", "synthetic", "--synthetic_size", "20", "--synthetic_img_size", "32",
               "--folds", "2", "--output_dir", out]
@@ -210,3 +211,49 @@ def test_crossval_errors_name_the_flag(tmp_path):
                              "--output_dir", str(tmp_path), "--checkpoints", "random", "--", "--data_path", "x"],
                             cwd=REPO, capture_output=True, text=True, env=ENV, timeout=60)
     assert result.returncode == 2 and "--data_path after `--`" in result.stderr
+
+
+def test_knn_monitor_on_a_labelled_folder_matches_a_direct_knn(make_image_folder, tmp_path):
+    """--knn_data_path (an ImageFolder with train/ and val/) is what the monitor embeds: its knn_acc1 equals
+    a kNN computed here on the same files with the validation transform."""
+    import main_pretrain
+    from util.datasets import DataError, build_finetune_transform, read_image
+    from util.knn import KnnMonitor
+    classes = ("astro", "micro", "neuron")
+    root = make_image_folder(classes=classes, n_per_class=3, size=40, name="labelled")
+    unlabelled = make_image_folder(n_per_class=4, size=40, flat=True, splits=("",), name="unlabelled")
+    flags = ["--data_path", str(unlabelled), "--knn_freq", "2", "--epochs", "3", "--img_size", "32",
+             "--patch_size", "8", "--batch_size", "4", "--num_workers", "0", "--device", "cpu", "--knn_k", "3",
+             "--knn_val_crop", "32"]
+    args = main_pretrain.get_args_parser().parse_args([*flags, "--knn_data_path", str(root)])
+    main_pretrain.resolve_defaults(args)
+    monitor = KnnMonitor(args)
+    assert monitor.num_classes == 3 and [len(loader.dataset) for loader in monitor.loaders] == [9, 9]
+    assert [monitor.due(epoch) for epoch in range(3)] == [False, True, True]  # every 2 epochs and the last
+
+    torch.manual_seed(0)
+    student = models_dama.main_vit_tiny(img_size=32, patch_size=8, decoder_embed_dim=32, decoder_depth=1,
+                                        decoder_num_heads=2).student1
+    assert monitor.log(0, student, "cpu") == {}
+    (acc,) = monitor.log(1, student, "cpu").values()
+    assert student.training  # the monitor restores the mode it found
+
+    transform = build_finetune_transform(False, 32, 32)
+    encode = student_encoder(student.eval(), "mean")
+
+    def embed(split):
+        files = [(path, label) for label, name in enumerate(classes)
+                 for path in sorted((root / split / name).glob("*.tif"))]
+        with torch.no_grad():
+            feats = encode(torch.stack([transform(read_image(path)) for path, _ in files]))
+        return feats, torch.tensor([label for _, label in files])
+
+    expected = knn_accuracy(*embed("train"), *embed("val"), 3, k=3, temperature=0.07)
+    assert acc == pytest.approx(expected)
+
+    # a kNN folder without val/ fails up front, naming the flag
+    no_val = make_image_folder(classes=classes, n_per_class=1, size=40, splits=("train",), name="no_val")
+    args = main_pretrain.get_args_parser().parse_args([*flags, "--knn_data_path", str(no_val)])
+    main_pretrain.resolve_defaults(args)
+    with pytest.raises(DataError, match="--knn_freq.*val"):
+        KnnMonitor(args)

@@ -303,3 +303,55 @@ def test_reference_sampling_trains_and_refuses_aligned_pairing():
     with pytest.raises(ValueError, match="--info_pairing aligned"):
         models_dama.main_vit_tiny(img_size=32, patch_size=8, in_chans=1, mask_sampling="reference",
                                   info_pairing="aligned")
+
+
+def _numpy_mae_sincos(embed_dim, grid_size, cls_token):
+    """MAE's 2-D sin-cos table written independently in numpy: half the channels for the column (w)
+    coordinate, half for the row (h), each [sin(p * w_k), cos(p * w_k)] with w_k = 1 / 10000^(2k / (D/2))."""
+    def one_d(dim, positions):
+        omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+        angles = np.outer(positions.reshape(-1).astype(np.float64), omega)
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+    grid_w, grid_h = np.meshgrid(np.arange(grid_size), np.arange(grid_size))  # 'xy': grid_w[i, j] = j
+    table = np.concatenate([one_d(embed_dim // 2, grid_w), one_d(embed_dim // 2, grid_h)], axis=1)
+    if cls_token:
+        table = np.concatenate([np.zeros((1, embed_dim)), table], axis=0)
+    return table
+
+
+def test_position_embeddings_are_maes_fixed_sincos_tables():
+    model = models_dama.main_vit_tiny(img_size=64, patch_size=16, in_chans=7, decoder_embed_dim=64,
+                                      decoder_depth=1, decoder_num_heads=2)
+    for student in (model.student1, model.student2):
+        np.testing.assert_allclose(student.pos_embed[0].numpy(), _numpy_mae_sincos(192, 4, True), atol=1e-6)
+        np.testing.assert_allclose(student.decoder_pos_embed[0].numpy(), _numpy_mae_sincos(64, 4, True), atol=1e-6)
+        assert student.pos_embed.dtype == torch.float32
+    # row-major grid: patch 1 is one column to the right of patch 0, patch 4 one row down
+    table = _numpy_mae_sincos(192, 4, False)
+    assert np.allclose(table[1, 96:], table[0, 96:]) and not np.allclose(table[1, :96], table[0, :96])
+    assert np.allclose(table[4, :96], table[0, :96]) and not np.allclose(table[4, 96:], table[0, 96:])
+
+
+def test_students_use_maes_initialisation():
+    """xavier-uniform Linear and patch-embed weights (viewed 2-D), zero biases, LayerNorm 1/0, tokens N(0, 0.02)."""
+    torch.manual_seed(0)
+    model = models_dama.main_vit_tiny(img_size=64, patch_size=16, in_chans=7)
+    for student in (model.student1, model.student2):
+        weights = [(name, module.weight) for name, module in student.named_modules()
+                   if isinstance(module, torch.nn.Linear)]
+        weights.append(("patch_embed.proj", student.patch_embed.proj.weight.flatten(1)))
+        for name, weight in weights:
+            fan_out, fan_in = weight.shape
+            bound = (6.0 / (fan_in + fan_out)) ** 0.5
+            assert weight.abs().max() <= bound + 1e-7, name
+            # a uniform on [-a, a] has std a / sqrt(3); the smallest matrix here has over 10^4 entries
+            assert abs(weight.std().item() / (bound / 3 ** 0.5) - 1) < 0.05, name
+        biases = [module.bias for module in student.modules() if isinstance(module, torch.nn.Linear)]
+        biases.append(student.patch_embed.proj.bias)
+        assert all(torch.count_nonzero(b) == 0 for b in biases)
+        norms = [m for m in student.modules() if isinstance(m, torch.nn.LayerNorm)]
+        assert len(norms) == 2 * 12 + 1 + 2 * 8 + 1  # two per block, final norms of encoder and decoder
+        assert all(torch.all(m.weight == 1) and torch.count_nonzero(m.bias) == 0 and m.eps == 1e-6 for m in norms)
+        for token in (student.cls_token, student.mask_token):
+            assert 0.015 < token.std().item() < 0.025 and abs(token.mean().item()) < 0.01

@@ -349,7 +349,9 @@ WORKER = textwrap.dedent("""
     meter = misc.SmoothedValue()
     meter.update(float(rank + 1), n=rank + 1)  # rank 0: 1 x 1.0, rank 1: 2 x 2.0 -> global avg 5/3
     meter.synchronize_between_processes()
-    result = dict(rank=rank, world=misc.get_world_size(), args_rank=args.rank, distributed=args.distributed,
+    seed = misc.seed_everything(5)  # seed + rank: the ranks draw different masks and augmentations
+    result = dict(seed=seed, mask_noise=torch.rand(4).tolist(),
+                  rank=rank, world=misc.get_world_size(), args_rank=args.rank, distributed=args.distributed,
                   backend=args.dist_backend, mean_float=misc.all_reduce_mean(float(rank)),
                   mean_tensor=misc.all_reduce_mean(torch.tensor(10.0 * (rank + 1))), global_avg=meter.global_avg)
     print("silenced on rank 1")
@@ -384,6 +386,7 @@ def test_two_process_gloo_group():
     results = [json.loads(line.split("RESULT ", 1)[1]) for out in outputs for line in out.splitlines()
                if "RESULT " in line]
     assert sorted(r["rank"] for r in results) == [0, 1]
+    assert sorted(r["seed"] for r in results) == [5, 6] and results[0]["mask_noise"] != results[1]["mask_noise"]
     for r in results:
         assert r["world"] == 2 and r["args_rank"] == r["rank"] and r["distributed"] and r["backend"] == "gloo"
         assert r["mean_float"] == pytest.approx(0.5) and r["mean_tensor"] == pytest.approx(15.0)
