@@ -21,8 +21,14 @@ def pretrain_command(*flags):
     return [sys.executable, str(REPO / "main_pretrain.py"), *TINY, *flags]
 
 
+# One compute thread: the model is tiny, and on a busy 2-core machine two torch threads spin against other
+# processes (a step measured 10 s instead of 0.5 s while another test run was going on).
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 def run_pretrain(*flags, timeout=300):
-    return subprocess.run(pretrain_command(*flags), cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(pretrain_command(*flags), cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env=ENV)
 
 
 def read_log(output_dir):
@@ -62,7 +68,7 @@ def test_interrupted_run_resumes_to_the_same_losses(tmp_path):
     assert run_pretrain(*flags, "--output_dir", str(straight)).returncode == 0
 
     interrupted = tmp_path / "interrupted"
-    proc = subprocess.Popen(pretrain_command(*flags, "--output_dir", str(interrupted)), cwd=REPO,
+    proc = subprocess.Popen(pretrain_command(*flags, "--output_dir", str(interrupted)), cwd=REPO, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log_file = interrupted / "log.txt"
     deadline = time.time() + 240
