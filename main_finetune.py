@@ -94,9 +94,7 @@ def add_data_args(parser):
                         help="training images of --dataset synthetic")
     parser.add_argument("--val_crop", default=48, type=int, help="centre crop of validation images before resize")
     parser.add_argument("--num_workers", default=10, type=int)
-    parser.add_argument("--pin_mem", action="store_true", help="pin CPU memory in the data loaders")
-    parser.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
-    parser.set_defaults(pin_mem=True)
+    misc.add_bool_flag(parser, "pin_mem", True, help="pin CPU memory in the data loaders (default on)")
 
 
 def get_args_parser():

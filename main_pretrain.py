@@ -41,8 +41,7 @@ def get_args_parser():
                              "the reference code's batch-wide overlap defect, for comparison runs")
     parser.add_argument("--last_k_blocks", default=6, type=int,
                         help="student 2's last k blocks averaged into the regression target")
-    parser.add_argument("--norm_pix_loss", default=True, action=argparse.BooleanOptionalAction,
-                        help="reconstruct per-patch standardised pixels (default on)")
+    misc.add_bool_flag(parser, "norm_pix_loss", True, help="reconstruct per-patch standardised pixels (default on)")
     parser.add_argument("--loss_beta", default=2.0, type=float, help="smooth-L1 beta of the info loss (0: MSE)")
     parser.add_argument("--loss_alpha", default=1.0, type=float, help="weight of the info loss")
     parser.add_argument("--info_pairing", default="positional", choices=models_dama.INFO_PAIRINGS,
@@ -77,10 +76,10 @@ def get_args_parser():
                         help="dataset folder: <data_path>/train/<class>/*.tif, or a flat folder of images")
     parser.add_argument("--synthetic_size", default=1024, type=int, help="number of synthetic images")
     parser.add_argument("--num_workers", default=min(10, os.cpu_count() or 1), type=int)
-    parser.add_argument("--pin_mem", default=True, action=argparse.BooleanOptionalAction)
-    parser.add_argument("--gpu_augment", default=False, action=argparse.BooleanOptionalAction,
-                        help="workers only decode and crop; resize, rotation, shift and flips run on the device "
-                             "per batch (for fast GPUs, where the CPU augmentation cannot keep up)")
+    misc.add_bool_flag(parser, "pin_mem", True, help="pin CPU memory in the data loader (default on)")
+    misc.add_bool_flag(parser, "gpu_augment", False,
+                       help="workers only decode and crop; resize, rotation, shift and flips run on the device "
+                            "per batch (for fast GPUs, where the CPU augmentation cannot keep up)")
     # Run
     parser.add_argument("--output_dir", default="./output_dir", help="checkpoints and log.txt")
     parser.add_argument("--log_dir", default=None, help="TensorBoard folder (default: --output_dir)")

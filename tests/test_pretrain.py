@@ -159,3 +159,27 @@ def test_unknown_arch_and_bad_mask_ratio_are_clear_errors(tmp_path):
     line = _error_line(run_pretrain(*SYNTHETIC, "--mask_ratio", "0.1", "--output_dir", str(tmp_path / "o")))
     assert "--mask_ratio" in line
     assert not (tmp_path / "o" / "checkpoint.pth").exists()
+
+
+@pytest.mark.parametrize("spelling", ["--no_norm_pix_loss", "--no-norm_pix_loss"])
+def test_switches_turn_off_in_the_readme_spelling(spelling):
+    """README and MAE write `--no_norm_pix_loss`; the dashed form argparse users may type works too."""
+    sys.path.insert(0, str(REPO))
+    import main_pretrain
+
+    parser = main_pretrain.get_args_parser()
+    defaults = parser.parse_args([])
+    assert defaults.norm_pix_loss and defaults.pin_mem and not defaults.gpu_augment
+    args = parser.parse_args([spelling, "--no_pin_mem", "--gpu_augment", "--arch", "main_vit_tiny",
+                              "--img_size", "32", "--patch_size", "8", "--decoder_depth", "1"])
+    assert not args.norm_pix_loss and not args.pin_mem and args.gpu_augment
+    main_pretrain.resolve_defaults(args)
+    model = main_pretrain.build_model(args)
+    assert not model.norm_pix_loss
+    imgs = torch.rand(2, 7, 32, 32)
+    out = model(imgs)
+    # with norm-pix off the reconstruction target is the raw pixels of each patch: [N, L, p*p*C]
+    raw = imgs.reshape(2, 7, 4, 8, 4, 8).permute(0, 2, 4, 3, 5, 1).reshape(2, 16, 8 * 8 * 7)
+    hidden = out["mask1"].bool()
+    expected = ((out["pred1"] - raw) ** 2).mean(-1)[hidden].mean()
+    torch.testing.assert_close(out["loss_recon1"], expected)

@@ -21,6 +21,15 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 # ----------------------------------------------------------------------------------------------------------------
 # Distributed setup
 # ----------------------------------------------------------------------------------------------------------------
+def add_bool_flag(parser, name, default, help=None):
+    """`--name` / `--no_name` (MAE's spelling; `--no-name` is accepted too) for a switch that defaults to `default`."""
+    parser.add_argument(f"--{name}", dest=name, action="store_true", help=help)
+    parser.add_argument(f"--no_{name}", f"--no-{name}", dest=name, action="store_false",
+                        help=f"turn --{name} off (default: {'on' if default else 'off'})")
+    parser.set_defaults(**{name: default})
+    return parser
+
+
 def add_distributed_args(parser):
     """Add MAE's distributed flags to an argparse parser and return it."""
     parser.add_argument("--world_size", default=1, type=int, help="number of processes (set by the launcher)")
