@@ -7,6 +7,7 @@ and as a ViTDet backbone (MMDetection `init_cfg=dict(type='Pretrained', checkpoi
     python convert_checkpoint.py --input output_dir/checkpoint.pth --output encoder.pth [--student 2]
 """
 import argparse
+import sys
 
 from util.convert import export_encoder
 from util.datasets import run_tool
@@ -29,4 +30,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    run_tool(main, get_args_parser().parse_args())
+    sys.exit(run_tool(main, get_args_parser().parse_args()))

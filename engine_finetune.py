@@ -7,12 +7,9 @@ from timm.utils import accuracy
 
 import util.lr_sched as lr_sched
 import util.misc as misc
+from util.misc import NonFiniteLossError
 
 PRINT_FREQ = 20
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN/inf: training stops before any checkpoint is written."""
 
 
 def current_lr(optimizer) -> float:

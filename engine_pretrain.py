@@ -4,13 +4,10 @@ import math
 import torch
 
 import util.misc as misc
+from util.misc import NonFiniteLossError
 from util.lr_sched import adjust_learning_rate
 
 LOSS_TERMS = ("loss", "loss_recon1", "loss_recon2", "loss_info")
-
-
-class NonFiniteLossError(RuntimeError):
-    """Raised when a loss term becomes NaN or infinite; nothing is saved after it."""
 
 
 def info_weight_for_epoch(epoch: int, args) -> float:

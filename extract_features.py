@@ -15,6 +15,7 @@ directly in --data_path; the synthetic cell type), paths [N] str (file path, or 
 classes [K] str, and pool, student, checkpoint. Load with np.load(path) (no pickle needed).
 """
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -155,4 +156,4 @@ def main(args) -> Path:
 
 
 if __name__ == "__main__":
-    run_tool(main, get_args_parser().parse_args())
+    sys.exit(run_tool(main, get_args_parser().parse_args()))

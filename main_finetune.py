@@ -21,10 +21,10 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 import models_vit
 import util.lr_decay as lrd
 import util.misc as misc
-from engine_finetune import NonFiniteLossError, evaluate, train_one_epoch
-from util.checkpoint import CheckpointError, find_resume_checkpoint, resume, save_model
+from engine_finetune import evaluate, train_one_epoch
+from util.checkpoint import find_resume_checkpoint, resume, save_model
 from util.convert import load_pretrained_encoder
-from util.datasets import DataError, build_finetune_dataset, error_line
+from util.datasets import DataError, build_finetune_dataset, run_tool
 from util.lr_sched import resolve_lr
 
 # big enough that ViT-T learns the synthetic cell types in a few CPU epochs, small enough to take minutes
@@ -339,17 +339,7 @@ def run_cli(argv=None, parent_parser=None, prog="DAMA fine-tuning", main_fn=main
     args = parser.parse_args(argv)
     if args.output_dir:
         os.makedirs(args.output_dir, exist_ok=True)
-    try:
-        main_fn(args)
-    except (DataError, CheckpointError, ValueError) as exc:
-        sys.stderr.write(f"error: {error_line(exc)}\n")  # plain write: print() may be rank-filtered
-        return 2
-    except NonFiniteLossError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return 1
-    finally:
-        misc.cleanup_distributed()
-    return 0
+    return run_tool(main_fn, args, user_errors=(ValueError,))
 
 
 if __name__ == "__main__":

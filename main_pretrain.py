@@ -15,9 +15,9 @@ from torch.utils.tensorboard import SummaryWriter
 
 import models_dama
 import util.misc as misc
-from engine_pretrain import NonFiniteLossError, train_one_epoch
-from util.checkpoint import CheckpointError, find_resume_checkpoint, resume, save_model
-from util.datasets import DataError, build_pretrain_dataset, error_line
+from engine_pretrain import train_one_epoch
+from util.checkpoint import find_resume_checkpoint, resume, save_model
+from util.datasets import DataError, build_pretrain_dataset, run_tool
 from util.gpu_augment import GPUAugment, build_gpu_pretrain_dataset
 from util.knn import KnnMonitor, add_knn_args
 from util.lr_decay import param_groups_weight_decay
@@ -195,19 +195,9 @@ def main(args):
         log_writer.close()
 
 
-def run(args):
-    """main() with user errors reported as one line and a non-zero exit code."""
-    try:
-        main(args)
-    except (DataError, CheckpointError, NonFiniteLossError, ValueError) as exc:
-        sys.stderr.write(f"error: {error_line(exc)}\n")
-        sys.exit(1)
-    finally:
-        misc.cleanup_distributed()
-
-
 if __name__ == "__main__":
     args = argparse.ArgumentParser("DAMA pretraining", parents=[get_args_parser()]).parse_args()
     if args.output_dir:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    run(args)
+    # a bad flag or file and a diverged run both exit with 1, each with one `error: ...` line
+    sys.exit(run_tool(main, args, user_error_code=1, user_errors=(ValueError,)))

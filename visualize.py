@@ -8,6 +8,7 @@ settings come from the checkpoint's saved args; the flags below override them. W
 images and masks are those of the --vis_freq figures written during training.
 """
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -100,4 +101,4 @@ def main(cli: argparse.Namespace) -> Path:
 
 
 if __name__ == "__main__":
-    run_tool(main, get_args_parser().parse_args())
+    sys.exit(run_tool(main, get_args_parser().parse_args()))

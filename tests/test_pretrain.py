@@ -164,8 +164,7 @@ def test_unknown_arch_and_bad_mask_ratio_are_clear_errors(tmp_path):
 @pytest.mark.parametrize("spelling", ["--no_norm_pix_loss", "--no-norm_pix_loss"])
 def test_switches_turn_off_in_the_readme_spelling(spelling):
     """README and MAE write `--no_norm_pix_loss`; the dashed form argparse users may type works too."""
-    sys.path.insert(0, str(REPO))
-    import main_pretrain
+    import main_pretrain  # the repository root is on sys.path (conftest.py)
 
     parser = main_pretrain.get_args_parser()
     defaults = parser.parse_args([])

@@ -19,6 +19,8 @@ from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
 
+from util.misc import NonFiniteLossError, cleanup_distributed
+
 IMAGE_EXTENSIONS = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 TIFF_EXTENSIONS = (".tif", ".tiff")
 DEFAULT_VAL_CROP = 48  # the reference's fine-tune validation centre crop (in pixels)
@@ -595,7 +597,7 @@ _EXCEPTION_LINE = re.compile(r"([A-Za-z_][\w.]*)(?:: (.*))?$")
 
 
 # The project's own errors (flags, files, checkpoints, a diverged run): their messages say what is wrong,
-# so the type name adds nothing. Named, not imported: util.checkpoint and the engines import util.misc.
+# so the type name adds nothing. Matched by name: a DataLoader worker's re-raise carries only the name.
 _OWN_ERRORS = ("DataError", "CheckpointError", "ValueError", "NonFiniteLossError")
 
 
@@ -615,14 +617,21 @@ def error_line(exc: BaseException) -> str:
     return f"{name}: {message}" if message else name
 
 
-def run_tool(main, args, exit_code: int = 2):
-    """main(args) for a command-line tool: a user error (ValueError, which DataError and CheckpointError are,
-    or OSError) ends the process with one `error: ...` line on stderr and `exit_code`, not a traceback."""
+def run_tool(main, args, user_error_code: int = 2, user_errors=(ValueError, OSError)) -> int:
+    """main(args) for a command-line script; returns its exit code, and leaves the process group either way.
+
+    A user error (a bad flag or file: ValueError, which DataError and CheckpointError are, and by default
+    OSError) gives one `error: ...` line on stderr and `user_error_code`; a diverged run (NonFiniteLossError)
+    the same kind of line and 1; success 0. Anything else is a bug and keeps its traceback.
+    """
     try:
-        return main(args)
-    except (ValueError, OSError) as exc:
-        sys.stderr.write(f"error: {error_line(exc)}\n")
-        sys.exit(exit_code)
+        main(args)
+    except (*user_errors, NonFiniteLossError) as exc:
+        sys.stderr.write(f"error: {error_line(exc)}\n")  # plain write: print() may be rank-filtered
+        return 1 if isinstance(exc, NonFiniteLossError) else user_error_code
+    finally:
+        cleanup_distributed()
+    return 0
 
 
 def _original_exception(worker_message: str):

@@ -19,8 +19,13 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Distributed setup
+# Command line and run errors
 # ----------------------------------------------------------------------------------------------------------------
+class NonFiniteLossError(RuntimeError):
+    """A training loss became NaN or infinite: the run stops and writes no checkpoint after it (the last good
+    one is kept). Raised by both engines; the scripts report it as one line with exit code 1."""
+
+
 def add_bool_flag(parser, name, default, help=None):
     """`--name` / `--no_name` (MAE's spelling; `--no-name` is accepted too) for a switch that defaults to `default`."""
     parser.add_argument(f"--{name}", dest=name, action="store_true", help=help)
@@ -30,6 +35,9 @@ def add_bool_flag(parser, name, default, help=None):
     return parser
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Distributed setup
+# ----------------------------------------------------------------------------------------------------------------
 def add_distributed_args(parser):
     """Add MAE's distributed flags to an argparse parser and return it."""
     parser.add_argument("--world_size", default=1, type=int, help="number of processes (set by the launcher)")
