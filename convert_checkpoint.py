@@ -9,8 +9,8 @@ and as a ViTDet backbone (MMDetection `init_cfg=dict(type='Pretrained', checkpoi
 import argparse
 import sys
 
+from util.cli import run_tool
 from util.convert import export_encoder
-from util.datasets import run_tool
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -134,7 +134,7 @@ def folder_samples(data_path):
 def synthetic_samples(args):
     """Write the synthetic set once as float32 TIFFs (channel-first pages) and return it like a folder."""
     import tifffile
-    from util.datasets import SyntheticCells
+    from util.synthetic import SyntheticCells
 
     dataset = SyntheticCells(args.synthetic_size, args.synthetic_img_size, args.in_chans, seed=args.seed)
     root = Path(args.output_dir).resolve() / "synthetic"

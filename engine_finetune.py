@@ -7,7 +7,7 @@ from timm.utils import accuracy
 
 import util.lr_sched as lr_sched
 import util.misc as misc
-from util.misc import NonFiniteLossError
+from util.errors import DataError, NonFiniteLossError
 
 PRINT_FREQ = 20
 
@@ -101,7 +101,7 @@ def evaluate(data_loader, model, device, amp_dtype: str, num_classes: int, shard
         totals = misc.all_reduce_sum(totals)
     loss_sum, correct1, correct5, count = totals.tolist()
     if count == 0:
-        raise ValueError("the validation set is empty: nothing to evaluate")
+        raise DataError("the validation set is empty: nothing to evaluate")
     stats = {"loss": loss_sum / count, "acc1": 100.0 * correct1 / count}
     if num_classes >= 5:
         stats["acc5"] = 100.0 * correct5 / count

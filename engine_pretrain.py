@@ -4,11 +4,8 @@ import math
 import torch
 
 import util.misc as misc
-from util.misc import NonFiniteLossError
+from util.errors import NonFiniteLossError
 from util.lr_sched import adjust_learning_rate
-
-LOSS_TERMS = ("loss", "loss_recon1", "loss_recon2", "loss_info")
-
 
 def info_weight_for_epoch(epoch: int, args) -> float:
     """The regression term is left out (weight 0) during the first --stable_epoch epochs."""
@@ -39,9 +36,10 @@ def train_one_epoch(model, data_loader, optimizer, device, epoch, loss_scaler, l
     accum_iter, print_freq = args.accum_iter, args.print_freq
     num_steps = len(data_loader)
     info_weight = info_weight_for_epoch(epoch, args)
+    loss_terms = misc.unwrap_model(model).loss_terms  # DAMA: loss, recon1, recon2, info; MAE: loss
 
-    window_sums = torch.zeros(len(LOSS_TERMS), device=device)  # [4] loss terms summed since the last read
-    epoch_sums = [0.0] * len(LOSS_TERMS)  # rank-averaged window sums, added up on the host
+    window_sums = torch.zeros(len(loss_terms), device=device)  # loss terms summed since the last read
+    epoch_sums = [0.0] * len(loss_terms)  # rank-averaged window sums, added up on the host
     window_count, lr = 0, optimizer.param_groups[0]["lr"]
     optimizer.zero_grad(set_to_none=True)
     for step, (samples, _) in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
@@ -57,12 +55,12 @@ def train_one_epoch(model, data_loader, optimizer, device, epoch, loss_scaler, l
             loss_scaler(out["loss"] / accum_iter, optimizer, parameters=model.parameters(), update_grad=update_grad)
         if update_grad:
             optimizer.zero_grad(set_to_none=True)
-        window_sums += torch.stack([out[k].detach().float() for k in LOSS_TERMS])
+        window_sums += torch.stack([out[k].detach().float() for k in loss_terms])
         window_count += 1
 
         if step % print_freq == 0 or step == num_steps - 1:
             sums = misc.all_reduce_mean_list(window_sums)  # the one collective and the one host sync
-            means = {k: v / window_count for k, v in zip(LOSS_TERMS, sums)}
+            means = {k: v / window_count for k, v in zip(loss_terms, sums)}
             check_finite(means, epoch, step)  # identical values on every rank: all stop together
             epoch_sums = [total + v for total, v in zip(epoch_sums, sums)]
             for k, v in means.items():
@@ -74,7 +72,7 @@ def train_one_epoch(model, data_loader, optimizer, device, epoch, loss_scaler, l
 
     # Every step ends up in one window (the last step closes one), and the windows are already averaged over
     # ranks: the epoch means need no further collective.
-    stats = {k: total / max(num_steps, 1) for k, total in zip(LOSS_TERMS, epoch_sums)}
+    stats = {k: total / max(num_steps, 1) for k, total in zip(loss_terms, epoch_sums)}
     stats["lr"] = lr
     print("Averaged stats:", "  ".join(f"{k}: {v:.4g}" for k, v in stats.items()))
     return stats

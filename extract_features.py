@@ -21,14 +21,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import models_dama
 import models_vit
-from util.checkpoint import CheckpointError
+from util.cli import run_tool
 from util.convert import check_shapes, encoder_metadata, fit_pos_embed, read_encoder
-from util.datasets import (DEFAULT_VAL_CROP, ImageFileDataset, SyntheticCells, build_finetune_transform, checked,
-                           class_folders, data_root, dataset_kind, image_folder_samples, list_images, no_images_error,
-                           run_tool, synthetic_size)
+from util.datasets import (ImageFileDataset, checked, class_folders, data_root, dataset_kind, image_folder_samples,
+                           list_images, no_images_error, synthetic_size)
+from util.errors import CheckpointError, ConfigError
 from util.features import POOLINGS, extract_features
 from util.features import pool_tokens as pool_encoder_tokens
+from util.synthetic import SyntheticCells
+from util.transforms import DEFAULT_VAL_CROP, build_finetune_transform
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -75,7 +78,7 @@ def load_encoder(path: str, student: int = 1, img_size: int = None):
     arch = geometry["arch"]
     if not arch:
         raise CheckpointError(f"checkpoint {path}: width {geometry['embed_dim']} and depth {geometry['depth']} "
-                              f"match none of {sorted(models_vit.VIT_CONFIGS)}")
+                              f"match none of {sorted(models_dama.ARCH_CONFIGS)}")
     geometry["img_size"] = img_size or geometry["img_size"]
     model = models_vit.build_vit(arch, img_size=geometry["img_size"], patch_size=geometry["patch_size"],
                                  in_chans=geometry["in_chans"], num_classes=0, drop_path_rate=0.0,
@@ -134,7 +137,7 @@ def feature_dataset(args, geometry: dict):
 # --------------------------------------------------------------------------------------------------
 def main(args) -> Path:
     if args.batch_size < 1 or args.print_freq < 1:
-        raise ValueError(f"--batch_size and --print_freq must be at least 1, got {args.batch_size}, {args.print_freq}")
+        raise ConfigError(f"--batch_size and --print_freq must be at least 1, got {args.batch_size}, {args.print_freq}")
     device = torch.device(args.device)
     model, geometry = load_encoder(args.checkpoint, args.student, args.img_size)
     model.to(device)

@@ -18,13 +18,16 @@ import torch
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
+import models_dama
 import models_vit
 import util.lr_decay as lrd
 import util.misc as misc
 from engine_finetune import evaluate, train_one_epoch
 from util.checkpoint import find_resume_checkpoint, resume, save_model
+from util.cli import add_bool_flag, run_tool
 from util.convert import load_pretrained_encoder
-from util.datasets import DataError, build_finetune_dataset, run_tool
+from util.datasets import build_finetune_dataset
+from util.errors import ConfigError, DataError
 from util.lr_sched import resolve_lr
 
 # big enough that ViT-T learns the synthetic cell types in a few CPU epochs, small enough to take minutes
@@ -32,7 +35,7 @@ DEFAULT_SYNTHETIC_SIZE = 2000
 
 
 def add_model_args(parser):
-    parser.add_argument("--arch", default="main_vit_tiny", choices=sorted(models_vit.VIT_CONFIGS),
+    parser.add_argument("--arch", default="main_vit_tiny", choices=sorted(models_dama.ARCH_CONFIGS),
                         help="encoder size; the same name as the pretraining run")
     parser.add_argument("--img_size", default=128, type=int, help="fine-tuning image size (pos_embed is resampled)")
     parser.add_argument("--patch_size", default=16, type=int)
@@ -40,10 +43,10 @@ def add_model_args(parser):
     parser.add_argument("--num_classes", default=None, type=int,
                         help="number of classes (default: the number of class folders found)")
     parser.add_argument("--drop_path", default=0.1, type=float, help="stochastic depth rate")
-    parser.add_argument("--global_pool", action="store_true", help="mean of the patch tokens -> fc_norm (default)")
-    parser.set_defaults(global_pool=True)
+    add_bool_flag(parser, "global_pool", True, help="classify from the mean of the patch tokens -> fc_norm (default "
+                                                    "on); --no_global_pool: from the final-normed cls token")
     parser.add_argument("--cls_token", action="store_false", dest="global_pool",
-                        help="classify from the cls token instead of the pooled patch tokens")
+                        help="the same as --no_global_pool (MAE's spelling)")
 
 
 def add_optimizer_args(parser):
@@ -94,7 +97,7 @@ def add_data_args(parser):
                         help="training images of --dataset synthetic")
     parser.add_argument("--val_crop", default=48, type=int, help="centre crop of validation images before resize")
     parser.add_argument("--num_workers", default=10, type=int)
-    misc.add_bool_flag(parser, "pin_mem", True, help="pin CPU memory in the data loaders (default on)")
+    add_bool_flag(parser, "pin_mem", True, help="pin CPU memory in the data loaders (default on)")
 
 
 def get_args_parser():
@@ -118,7 +121,7 @@ def resolve_defaults(args):
     if args.log_dir is None:
         args.log_dir = args.output_dir
     if args.accum_iter < 1:
-        raise ValueError(f"--accum_iter must be >= 1, got {args.accum_iter}")
+        raise ConfigError(f"--accum_iter must be >= 1, got {args.accum_iter}")
 
 
 def mixup_active(args) -> bool:
@@ -176,7 +179,7 @@ def build_criterion(args, num_classes: int):
     """(criterion, mixup_fn): soft-target CE under mixup/cutmix, else label smoothing or plain CE."""
     if mixup_active(args):
         if args.batch_size % 2:
-            raise ValueError(f"--mixup/--cutmix need an even --batch_size, got {args.batch_size}")
+            raise ConfigError(f"--mixup/--cutmix need an even --batch_size, got {args.batch_size}")
         mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                          prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
                          label_smoothing=args.smoothing, num_classes=num_classes)
@@ -331,7 +334,7 @@ def main(args, setup_fn=setup):
 
 
 def run_cli(argv=None, parent_parser=None, prog="DAMA fine-tuning", main_fn=main) -> int:
-    """Exit code 2 with one `error: ...` line for bad flags/files, 1 for a diverged run.
+    """Exit code 2 with one `error: ...` line for bad flags/files, 3 for a diverged run (util/cli.py).
 
     parent_parser (default: get_args_parser()), prog and main_fn: main_linprobe.py's.
     """
@@ -339,7 +342,7 @@ def run_cli(argv=None, parent_parser=None, prog="DAMA fine-tuning", main_fn=main
     args = parser.parse_args(argv)
     if args.output_dir:
         os.makedirs(args.output_dir, exist_ok=True)
-    return run_tool(main_fn, args, user_errors=(ValueError,))
+    return run_tool(main_fn, args)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import torch.nn as nn
 from timm.layers import trunc_normal_
 
 import main_finetune
+from util.errors import ConfigError
 
 LINPROBE_DEFAULTS = dict(batch_size=256, epochs=90, blr=0.1, min_lr=0.0, weight_decay=0.0, warmup_epochs=10,
                          smoothing=0.0, mixup=0.0, cutmix=0.0, drop_path=0.0)
@@ -35,7 +36,7 @@ def get_args_parser():
 
 def check_args(args):
     if args.drop_path != 0:
-        raise ValueError(f"--drop_path must be 0 for a linear probe (the encoder is frozen), got {args.drop_path}")
+        raise ConfigError(f"--drop_path must be 0 for a linear probe (the encoder is frozen), got {args.drop_path}")
 
 
 def build_probe_model(args, num_classes: int) -> nn.Module:
@@ -73,7 +74,7 @@ def main(args):
 
 
 def run_cli(argv=None) -> int:
-    """Exit code 2 with one `error: ...` line for bad flags/files, 1 for a diverged run (as main_finetune)."""
+    """Exit codes as every script (util/cli.py): 2 for bad flags or files, 3 for a diverged run."""
     return main_finetune.run_cli(argv, get_args_parser(), "DAMA linear probe", main)
 
 

@@ -17,7 +17,9 @@ import models_dama
 import util.misc as misc
 from engine_pretrain import train_one_epoch
 from util.checkpoint import find_resume_checkpoint, resume, save_model
-from util.datasets import DataError, build_pretrain_dataset, run_tool
+from util.cli import add_bool_flag, run_tool
+from util.datasets import build_pretrain_dataset
+from util.errors import ConfigError, DataError
 from util.gpu_augment import GPUAugment, build_gpu_pretrain_dataset
 from util.knn import KnnMonitor, add_knn_args
 from util.lr_decay import param_groups_weight_decay
@@ -41,7 +43,7 @@ def get_args_parser():
                              "the reference code's batch-wide overlap defect, for comparison runs")
     parser.add_argument("--last_k_blocks", default=6, type=int,
                         help="student 2's last k blocks averaged into the regression target")
-    misc.add_bool_flag(parser, "norm_pix_loss", True, help="reconstruct per-patch standardised pixels (default on)")
+    add_bool_flag(parser, "norm_pix_loss", True, help="reconstruct per-patch standardised pixels (default on)")
     parser.add_argument("--loss_beta", default=2.0, type=float, help="smooth-L1 beta of the info loss (0: MSE)")
     parser.add_argument("--loss_alpha", default=1.0, type=float, help="weight of the info loss")
     parser.add_argument("--info_pairing", default="positional", choices=models_dama.INFO_PAIRINGS,
@@ -76,8 +78,8 @@ def get_args_parser():
                         help="dataset folder: <data_path>/train/<class>/*.tif, or a flat folder of images")
     parser.add_argument("--synthetic_size", default=1024, type=int, help="number of synthetic images")
     parser.add_argument("--num_workers", default=min(10, os.cpu_count() or 1), type=int)
-    misc.add_bool_flag(parser, "pin_mem", True, help="pin CPU memory in the data loader (default on)")
-    misc.add_bool_flag(parser, "gpu_augment", False,
+    add_bool_flag(parser, "pin_mem", True, help="pin CPU memory in the data loader (default on)")
+    add_bool_flag(parser, "gpu_augment", False,
                        help="workers only decode and crop; resize, rotation, shift and flips run on the device "
                             "per batch (for fast GPUs, where the CPU augmentation cannot keep up)")
     # Run
@@ -106,7 +108,7 @@ def resolve_defaults(args):
     args.log_dir = args.log_dir or args.output_dir
     for flag in ("batch_size", "epochs", "accum_iter", "save_freq", "print_freq", "vis_num_images"):
         if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+            raise ConfigError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
 
 
 def build_model(args):
@@ -199,5 +201,4 @@ if __name__ == "__main__":
     args = argparse.ArgumentParser("DAMA pretraining", parents=[get_args_parser()]).parse_args()
     if args.output_dir:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    # a bad flag or file and a diverged run both exit with 1, each with one `error: ...` line
-    sys.exit(run_tool(main, args, user_error_code=1, user_errors=(ValueError,)))
+    sys.exit(run_tool(main, args))  # exit codes: util/cli.py

@@ -17,18 +17,19 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
 from util.pos_embed import get_2d_sincos_pos_embed
+from util.errors import ConfigError, DataError
 
 # 'reference' reproduces the reference code's batch-wide overlap defect, for comparison runs only.
 MASK_SAMPLINGS = ("adaptive", "random", "reference")
 INFO_PAIRINGS = ("positional", "aligned")
 INFO_REDUCTIONS = ("sum", "mean")
 
-# Encoder sizes by arch name; shared with models_vit so that both sides agree on every dimension.
-ENCODER_CONFIGS = {
-    "main_vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
-    "main_vit_small": dict(embed_dim=384, depth=12, num_heads=6),
-    "main_vit_base": dict(embed_dim=768, depth=12, num_heads=12),
-    "main_vit_large": dict(embed_dim=1024, depth=24, num_heads=16),
+# Encoder sizes (width, depth, heads); the --arch registry at the end of this file names them for both models.
+ENCODER_SIZES = {
+    "tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "small": dict(embed_dim=384, depth=12, num_heads=6),
+    "base": dict(embed_dim=768, depth=12, num_heads=12),
+    "large": dict(embed_dim=1024, depth=24, num_heads=16),
 }
 
 
@@ -41,16 +42,16 @@ def num_visible_patches(num_patches: int, mask_ratio: float) -> int:
 
 
 def check_mask_config(num_patches: int, mask_ratio: float, mask_overlap_ratio: float) -> None:
-    """Reject settings for which the adaptive construction of SPEC section 2 is impossible."""
+    """Reject settings for which the adaptive construction of `adaptive_masking` is impossible."""
     if not 0.0 <= mask_overlap_ratio <= 1.0:
-        raise ValueError(f"--mask_overlap_ratio must be in [0, 1], got {mask_overlap_ratio}")
+        raise ConfigError(f"--mask_overlap_ratio must be in [0, 1], got {mask_overlap_ratio}")
     k = num_visible_patches(num_patches, mask_ratio)
     if k < 1:
-        raise ValueError(f"--mask_ratio {mask_ratio} leaves no visible patch out of {num_patches}")
+        raise ConfigError(f"--mask_ratio {mask_ratio} leaves no visible patch out of {num_patches}")
     num_hard = num_patches - 2 * k
     num_overlap = int(k * mask_overlap_ratio)
     if not 0 < num_hard + num_overlap <= num_patches - k:
-        raise ValueError(
+        raise ConfigError(
             f"--mask_ratio {mask_ratio} with --mask_overlap_ratio {mask_overlap_ratio} is invalid for "
             f"{num_patches} patches: student 2 must hide H+O = {num_hard}+{num_overlap} of student 1's "
             f"{num_patches - k} hidden patches (need 0 < H+O <= L-K; use --mask_ratio >= 0.5)")
@@ -75,7 +76,7 @@ def random_masking(batch_size: int, num_patches: int, num_visible: int, device=N
 
 
 def adaptive_masking(mask1, loss1, mask_overlap_ratio, sampling="adaptive", generator=None, num_visible=None):
-    """Student 2's mask from student 1's mask and per-patch loss (SPEC section 2), batched and exact.
+    """Student 2's mask from student 1's mask and per-patch loss, batched and exact.
 
     mask1: [N, L], 1 = hidden from student 1, with K zeros per row. loss1: [N, L] per-patch loss of student 1.
     With H = L - 2K and O = int(K * mask_overlap_ratio), student 2, per sample:
@@ -90,7 +91,7 @@ def adaptive_masking(mask1, loss1, mask_overlap_ratio, sampling="adaptive", gene
     visible patches in raster order.
     """
     if sampling not in MASK_SAMPLINGS:
-        raise ValueError(f"--mask_sampling must be one of {MASK_SAMPLINGS}, got {sampling!r}")
+        raise ConfigError(f"--mask_sampling must be one of {MASK_SAMPLINGS}, got {sampling!r}")
     n, num_patches = mask1.shape
     k = int((mask1[0] == 0).sum()) if num_visible is None else num_visible
     if sampling == "reference":
@@ -244,7 +245,7 @@ class MAEStudent(nn.Module):
                  norm_layer=partial(nn.LayerNorm, eps=1e-6)):
         super().__init__()
         if img_size % patch_size:
-            raise ValueError(f"--img_size {img_size} is not divisible by --patch_size {patch_size}")
+            raise ConfigError(f"--img_size {img_size} is not divisible by --patch_size {patch_size}")
         self.img_size, self.patch_size, self.in_chans, self.depth = img_size, patch_size, in_chans, depth
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.num_patches = self.patch_embed.num_patches
@@ -288,7 +289,7 @@ class MAEStudent(nn.Module):
         """
         n, c, h, w = imgs.shape
         if (c, h, w) != (self.in_chans, self.img_size, self.img_size):
-            raise ValueError(f"input images are {c}x{h}x{w}; the model expects --in_chans {self.in_chans} "
+            raise DataError(f"input images are {c}x{h}x{w}; the model expects --in_chans {self.in_chans} "
                              f"and --img_size {self.img_size} ({self.in_chans}x{self.img_size}x{self.img_size})")
         p = self.patch_size
         patches = imgs.reshape(n, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)  # [N, gh, gw, C, p, p]
@@ -355,20 +356,23 @@ def projection_head(dim: int) -> nn.Sequential:
 class DAMA(nn.Module):
     """Two independent students trained jointly, student 2 masked adaptively from student 1's loss."""
 
+    num_students = 2
+    loss_terms = ("loss", "loss_recon1", "loss_recon2", "loss_info")  # the scalar losses forward returns
+
     def __init__(self, img_size=224, patch_size=16, in_chans=7, embed_dim=768, depth=12, num_heads=12,
                  decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0,
                  mask_ratio=0.8, mask_overlap_ratio=0.5, last_k_blocks=6, loss_beta=2.0, loss_alpha=1.0,
                  norm_pix_loss=True, mask_sampling="adaptive", info_pairing="positional", info_reduction="sum"):
         super().__init__()
         if not 1 <= last_k_blocks <= depth:
-            raise ValueError(f"--last_k_blocks must be between 1 and the encoder depth {depth}, got {last_k_blocks}")
+            raise ConfigError(f"--last_k_blocks must be between 1 and the encoder depth {depth}, got {last_k_blocks}")
         for flag, value, choices in (("--mask_sampling", mask_sampling, MASK_SAMPLINGS),
                                      ("--info_pairing", info_pairing, INFO_PAIRINGS),
                                      ("--info_reduction", info_reduction, INFO_REDUCTIONS)):
             if value not in choices:
-                raise ValueError(f"{flag} must be one of {choices}, got {value!r}")
+                raise ConfigError(f"{flag} must be one of {choices}, got {value!r}")
         if mask_sampling == "reference" and info_pairing == "aligned":
-            raise ValueError("--info_pairing aligned needs exact masks; --mask_sampling reference does not give "
+            raise ConfigError("--info_pairing aligned needs exact masks; --mask_sampling reference does not give "
                              "student 2 exactly O of student 1's patches (use adaptive or random)")
         student = partial(MAEStudent, img_size, patch_size, in_chans, embed_dim, depth, num_heads,
                           decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio)
@@ -418,37 +422,6 @@ class DAMA(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------
-# Factories, looked up by name as in MAE: models_dama.__dict__[args.arch](**kwargs)
-# --------------------------------------------------------------------------------------------------
-def _dama(arch, **kwargs):
-    return DAMA(**ENCODER_CONFIGS[arch], **kwargs)
-
-
-def main_vit_tiny(**kwargs):
-    return _dama("main_vit_tiny", **kwargs)
-
-
-def main_vit_small(**kwargs):
-    return _dama("main_vit_small", **kwargs)
-
-
-def main_vit_base(**kwargs):
-    return _dama("main_vit_base", **kwargs)
-
-
-def main_vit_large(**kwargs):
-    return _dama("main_vit_large", **kwargs)
-
-
-def build_model(arch: str, **kwargs) -> nn.Module:
-    """The pretraining model for --arch, with a clear error for an unknown name."""
-    factories = {name: globals()[name] for name in ARCH_CONFIGS}  # DAMA and the MAE baseline
-    if arch not in factories:
-        raise ValueError(f"unknown --arch {arch!r}; expected one of {sorted(factories)}")
-    return factories[arch](**kwargs)
-
-
-# --------------------------------------------------------------------------------------------------
 # MAE baseline (the paper's "MAE" row): one student, random masking, reconstruction loss only
 # --------------------------------------------------------------------------------------------------
 # Options of main_pretrain.py that only DAMA uses; MAE accepts and ignores them so the script runs unchanged.
@@ -460,12 +433,13 @@ class MAE(nn.Module):
     """He et al.'s MAE as a single `MAEStudent` named `student1`, so that its checkpoints load for fine-tuning
     (--student 1) and export exactly like DAMA's.
 
-    forward returns DAMA's dict: loss = loss_recon1, loss_recon2 and loss_info are zero tensors, and
-    mask2/pred2/ids_shuffle2 repeat student 1's (there is no second student; code that draws both students
-    shows the same one twice; `num_students` = 1 tells it apart).
+    forward returns what it computes: the reconstruction loss and student 1's mask, prediction and per-patch loss
+    (DAMA's keys for student 1, so the engine and the figures treat both models alike; `loss_terms` and
+    `num_students` say what there is).
     """
 
     num_students = 1
+    loss_terms = ("loss",)  # the reconstruction loss is the whole loss
     num_overlap = 0  # no patch is shared with a second student (main_pretrain prints it)
 
     def __init__(self, img_size=224, patch_size=16, in_chans=7, embed_dim=768, depth=12, num_heads=12,
@@ -476,7 +450,7 @@ class MAE(nn.Module):
         if unknown:
             raise TypeError(f"MAE got unexpected keyword arguments {unknown}")
         if not 0.0 < mask_ratio < 1.0:  # checked before the (costly) student is built
-            raise ValueError(f"--mask_ratio must be strictly between 0 and 1 for MAE, got {mask_ratio}")
+            raise ConfigError(f"--mask_ratio must be strictly between 0 and 1 for MAE, got {mask_ratio}")
         self.student1 = MAEStudent(img_size, patch_size, in_chans, embed_dim, depth, num_heads,
                                    decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio)
         self.patch_size, self.in_chans = patch_size, in_chans
@@ -484,42 +458,30 @@ class MAE(nn.Module):
         self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
         self.num_visible = num_visible_patches(self.num_patches, mask_ratio)
         if self.num_visible < 1:
-            raise ValueError(f"--mask_ratio {mask_ratio} leaves no visible patch out of {self.num_patches}")
+            raise ConfigError(f"--mask_ratio {mask_ratio} leaves no visible patch out of {self.num_patches}")
 
     def forward(self, imgs, info_weight=1.0, generator=None):
-        """imgs [N, C, H, W] -> DAMA's output dict; info_weight is accepted for the engine and unused."""
+        """imgs [N, C, H, W] -> dict of the loss and student 1's mask [N, L], prediction [N, L, p*p*C], per-patch
+        loss [N, L] and ids_shuffle1; info_weight is accepted for the engine and unused."""
         n, k = imgs.shape[0], self.num_visible
         target = recon_target(imgs, self.patch_size, self.norm_pix_loss)  # [N, L, p*p*C]
         mask, ids_shuffle, ids_restore = random_masking(n, self.num_patches, k, imgs.device, generator)
         pred, _, _ = self.student1(imgs, ids_shuffle, ids_restore, k)
-        loss_recon, per_patch = recon_loss(pred, target, mask)
-        zero = torch.zeros((), device=imgs.device)
-        return dict(loss=loss_recon, loss_recon1=loss_recon, loss_recon2=zero, loss_info=zero,
-                    mask1=mask, mask2=mask, pred1=pred, pred2=pred, loss1_per_patch=per_patch.detach(),
-                    ids_shuffle1=ids_shuffle, ids_shuffle2=ids_shuffle)
+        loss, per_patch = recon_loss(pred, target, mask)
+        return dict(loss=loss, mask1=mask, pred1=pred, loss1_per_patch=per_patch.detach(), ids_shuffle1=ids_shuffle)
 
 
-# Same encoder/decoder sizes as DAMA's archs: mae_vit_tiny <-> main_vit_tiny, ...
-MAE_ENCODER_CONFIGS = {name.replace("main_", "mae_", 1): cfg for name, cfg in ENCODER_CONFIGS.items()}
-# Every --arch name, for the pretraining lookup and for fine-tuning (models_vit)
-ARCH_CONFIGS = {**ENCODER_CONFIGS, **MAE_ENCODER_CONFIGS}
+# --------------------------------------------------------------------------------------------------
+# The --arch registry: DAMA (main_vit_*) and the MAE baseline (mae_vit_*), at the same encoder/decoder sizes
+# --------------------------------------------------------------------------------------------------
+ARCHS = {**{f"main_vit_{size}": (DAMA, encoder) for size, encoder in ENCODER_SIZES.items()},
+         **{f"mae_vit_{size}": (MAE, encoder) for size, encoder in ENCODER_SIZES.items()}}
+ARCH_CONFIGS = {name: encoder for name, (_, encoder) in ARCHS.items()}  # encoder size by --arch (models_vit too)
 
 
-def _mae(arch, **kwargs):
-    return MAE(**MAE_ENCODER_CONFIGS[arch], **kwargs)
-
-
-def mae_vit_tiny(**kwargs):
-    return _mae("mae_vit_tiny", **kwargs)
-
-
-def mae_vit_small(**kwargs):
-    return _mae("mae_vit_small", **kwargs)
-
-
-def mae_vit_base(**kwargs):
-    return _mae("mae_vit_base", **kwargs)
-
-
-def mae_vit_large(**kwargs):
-    return _mae("mae_vit_large", **kwargs)
+def build_model(arch: str, **kwargs) -> nn.Module:
+    """The pretraining model for --arch (DAMA or the MAE baseline), with a clear error for an unknown name."""
+    if arch not in ARCHS:
+        raise ConfigError(f"unknown --arch {arch!r}; expected one of {sorted(ARCHS)}")
+    model_class, encoder = ARCHS[arch]
+    return model_class(**encoder, **kwargs)

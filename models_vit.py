@@ -2,8 +2,8 @@
 
 Built directly on timm (no subclass) so that parameter names are timm's: an encoder exported by
 `convert_checkpoint.py` loads into `timm.create_model('vit_*_patch16_224', ...)` and vice versa.
-Arch names are the pretraining ones (`models_dama.main_vit_tiny`, `mae_vit_tiny`, ...), so one `--arch` fits
-both scripts.
+Arch names are the pretraining ones (`main_vit_tiny`, `mae_vit_tiny`, ...; models_dama.ARCH_CONFIGS), so one
+`--arch` fits both scripts.
 """
 from functools import partial
 
@@ -12,9 +12,7 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 
 from models_dama import ARCH_CONFIGS
-
-# one table of encoder sizes for both scripts, so pretraining and fine-tuning agree on every --arch
-VIT_CONFIGS = ARCH_CONFIGS  # DAMA (main_vit_*) and MAE-baseline (mae_vit_*) names
+from util.errors import ConfigError
 
 
 def build_vit(arch: str, img_size: int = 128, patch_size: int = 16, in_chans: int = 7, num_classes: int = 5,
@@ -24,13 +22,13 @@ def build_vit(arch: str, img_size: int = 128, patch_size: int = 16, in_chans: in
     global_pool=True: mean of the patch tokens (cls excluded) -> fc_norm -> head; timm then makes the
     final `norm` an Identity. global_pool=False: final norm -> cls token -> head.
     """
-    if arch not in VIT_CONFIGS:
-        raise ValueError(f"--arch {arch!r} is not a fine-tuning arch; expected one of {sorted(VIT_CONFIGS)}")
+    if arch not in ARCH_CONFIGS:
+        raise ConfigError(f"--arch {arch!r} is not a fine-tuning arch; expected one of {sorted(ARCH_CONFIGS)}")
     return VisionTransformer(
         img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
         mlp_ratio=4, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6),
         drop_path_rate=drop_path_rate, global_pool="avg" if global_pool else "token",
-        **VIT_CONFIGS[arch])
+        **ARCH_CONFIGS[arch])
 
 
 def init_head(model: VisionTransformer) -> None:
@@ -43,35 +41,3 @@ def init_head(model: VisionTransformer) -> None:
 def uses_fc_norm(model: VisionTransformer) -> bool:
     """True when the model pools with fc_norm (so the encoder's final `norm` is not used)."""
     return not isinstance(model.fc_norm, nn.Identity)
-
-
-def main_vit_tiny(**kwargs) -> VisionTransformer:
-    return build_vit("main_vit_tiny", **kwargs)
-
-
-def main_vit_small(**kwargs) -> VisionTransformer:
-    return build_vit("main_vit_small", **kwargs)
-
-
-def main_vit_base(**kwargs) -> VisionTransformer:
-    return build_vit("main_vit_base", **kwargs)
-
-
-def main_vit_large(**kwargs) -> VisionTransformer:
-    return build_vit("main_vit_large", **kwargs)
-
-
-def mae_vit_tiny(**kwargs) -> VisionTransformer:
-    return build_vit("mae_vit_tiny", **kwargs)
-
-
-def mae_vit_small(**kwargs) -> VisionTransformer:
-    return build_vit("mae_vit_small", **kwargs)
-
-
-def mae_vit_base(**kwargs) -> VisionTransformer:
-    return build_vit("mae_vit_base", **kwargs)
-
-
-def mae_vit_large(**kwargs) -> VisionTransformer:
-    return build_vit("mae_vit_large", **kwargs)

@@ -14,8 +14,11 @@ from pathlib import Path
 import torch
 
 import main_pretrain
-from util.checkpoint import CheckpointError, load_checkpoint
-from util.datasets import build_finetune_transform, build_pretrain_dataset, run_tool
+from util.checkpoint import load_checkpoint
+from util.cli import run_tool
+from util.datasets import build_pretrain_dataset
+from util.errors import CheckpointError
+from util.transforms import build_finetune_transform
 from util.visualize import fixed_batch, parse_channels, reconstruction_figure, save_figure
 
 # Flags whose default is "whatever the checkpoint was trained with"

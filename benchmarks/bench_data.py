@@ -6,7 +6,9 @@ temporary folder (or reads --data_path), then measures, for each --img_size:
   cpu  the default pipeline: util.datasets read_image + build_pretrain_transform, all on the worker;
   gpu  the --gpu_augment split (util/gpu_augment.py): the worker decodes and cuts the S/2 crop, and
        GPUAugment resizes, rotates, shifts and flips the batch on --device (timed separately as
-       pipeline 'gpu_augment_device', in images per second of the device).
+       pipeline 'gpu_augment_device', in images per second of the device);
+  synthetic  the built-in synthetic cells (--dataset synthetic): drawing S x S cells, without augmentation
+       (layout '-', no files), so that the quick start and the tests are not limited by it (about 1 ms each).
 
 each single-process with one thread (what one DataLoader worker does) and through a DataLoader with
 --num_workers workers. For scale: the reference's numpy/cv2 pipeline does about 230 img/s per core at
@@ -32,12 +34,15 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's modules live in the repo root
 
 from benchmarks.common import emit, fmt  # noqa: E402
-from util.datasets import ImageFileDataset, build_pretrain_transform, list_images  # noqa: E402
+from util.datasets import ImageFileDataset, list_images  # noqa: E402
 from util.gpu_augment import CroppedImageFiles, GPUAugment, crop_size  # noqa: E402
+from util.synthetic import SyntheticCells  # noqa: E402
+from util.transforms import build_pretrain_transform  # noqa: E402
 
 REFERENCE_IMG_PER_S_PER_CORE = {224: 230}  # the reference's numpy/cv2 pipeline (issue 6)
 TARGET_IMG_PER_S = {224: 3500, 128: 12000}  # issue 6's training targets (ViT-B at 224, ViT-T at 128)
 LAYOUTS = ("channel_last", "planar")
+FILE_PIPELINES = ("cpu", "gpu")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -153,7 +158,7 @@ def make_row(pipeline, layout, img_size, file_size, workers, img_per_s, per_work
 
 def bench_files(paths, layout, img_size, args) -> list:
     rows = []
-    for pipeline in args.pipelines:
+    for pipeline in (p for p in args.pipelines if p in FILE_PIPELINES):
         dataset = pipeline_dataset(pipeline, paths, args.in_chans, img_size)
         rate = time_single_process(dataset, args.min_seconds)
         rows.append(make_row(pipeline, layout, img_size, args.file_size or img_size, 0, rate))
@@ -186,7 +191,8 @@ def get_args_parser():
     parser.add_argument("--compression", default=None, choices=[None, "zlib", "lzw"], help="TIFF compression")
     parser.add_argument("--data_path", default=None,
                         help="measure these image files instead of writing random ones (one 'layout': data_path)")
-    parser.add_argument("--pipelines", nargs="+", choices=["cpu", "gpu"], default=["cpu", "gpu"])
+    parser.add_argument("--pipelines", nargs="+", choices=[*FILE_PIPELINES, "synthetic"],
+                        default=[*FILE_PIPELINES, "synthetic"])
     parser.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="DataLoader workers for the loader rows (0: single-process rows only)")
     parser.add_argument("--batch_size", type=int, default=64)
@@ -224,6 +230,12 @@ def main(argv=None) -> int:
             for row in bench_files(paths, layout, img_size, args):
                 rows.append(row)
                 emit(row, args.out)
+    if "synthetic" in args.pipelines:
+        for img_size in args.img_size:
+            rate = time_single_process(SyntheticCells(args.num_files, img_size, args.in_chans), args.min_seconds)
+            row = make_row("synthetic", "-", img_size, img_size, 0, rate)
+            rows.append(row)
+            emit(row, args.out)
     if "gpu" in args.pipelines:
         for img_size in args.img_size:
             rate = time_gpu_augment(img_size, args.in_chans, args.augment_batch_size, device)

@@ -120,7 +120,7 @@ def test_bench_data_tiny_rows_for_both_pipelines_and_layouts(tmp_path):
                         "--augment_batch_size", "4", "--out", str(out))
     assert result.returncode == 0, result.stderr
     rows = json_lines(result.stdout)
-    files = [r for r in rows if r["pipeline"] != "gpu_augment_device"]
+    files = [r for r in rows if r["pipeline"] in ("cpu", "gpu")]
     assert {(r["pipeline"], r["layout"], r["workers"]) for r in files} == {
         (p, layout, w) for p in ("cpu", "gpu") for layout in ("channel_last", "planar") for w in (0, 1)}
     for r in files:
@@ -128,5 +128,7 @@ def test_bench_data_tiny_rows_for_both_pipelines_and_layouts(tmp_path):
         assert r["ms_per_img_per_worker"] == pytest.approx(1e3 / r["img_per_s_per_worker"], rel=0.01)
     (device_row,) = [r for r in rows if r["pipeline"] == "gpu_augment_device"]
     assert device_row["img_per_s"] > 0 and device_row["workers"] is None
+    (synthetic_row,) = [r for r in rows if r["pipeline"] == "synthetic"]  # drawing cells, no files
+    assert synthetic_row["layout"] == "-" and synthetic_row["img_per_s"] > 0
     assert "230 img/s per core at 224 px" in result.stdout and "| gpu | planar | 32 | 32 | 1 |" in result.stdout
     assert json_lines(out.read_text()) == rows

@@ -16,9 +16,10 @@ import torch.nn.functional as F
 import main_finetune
 import models_dama
 import models_vit
-from engine_finetune import NonFiniteLossError, evaluate, train_one_epoch
+from engine_finetune import evaluate, train_one_epoch
 from util.convert import export_encoder, extract_encoder, load_pretrained_encoder
-from util.datasets import DataError, SyntheticCells
+from util.errors import DataError, NonFiniteLossError
+from util.synthetic import SyntheticCells
 
 REPO = Path(__file__).resolve().parents[1]
 TIMM_KEYS_NOT_IN_ENCODER = {"head.weight", "head.bias"}
@@ -28,7 +29,7 @@ def save_pretraining_checkpoint(path: Path, img_size: int, mask_ratio: float) ->
     """What main_pretrain.py writes, without running it: {'model', 'epoch', 'args'}."""
     torch.manual_seed(img_size)
     # a slim decoder keeps the file small and fast to write; fine-tuning drops the decoder anyway
-    model = models_dama.main_vit_tiny(img_size=img_size, in_chans=7, mask_ratio=mask_ratio,
+    model = models_dama.build_model("main_vit_tiny", img_size=img_size, in_chans=7, mask_ratio=mask_ratio,
                                       decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4)
     state_dict = model.state_dict()
     with torch.no_grad():  # as after training: zero-initialised biases differ between the students too
@@ -67,7 +68,7 @@ def run_script(*args, cwd=REPO, timeout=120):
 def test_extract_encoder_keeps_only_one_students_encoder(pretrained_32):
     _, state_dict = pretrained_32
     encoder = extract_encoder(state_dict, student=2)
-    timm_encoder_keys = set(models_vit.main_vit_tiny(img_size=32).state_dict()) - TIMM_KEYS_NOT_IN_ENCODER
+    timm_encoder_keys = set(models_vit.build_vit("main_vit_tiny", img_size=32).state_dict()) - TIMM_KEYS_NOT_IN_ENCODER
     timm_encoder_keys -= {"fc_norm.weight", "fc_norm.bias"}  # global pool: fc_norm is new, norm is Identity
     assert set(encoder) == timm_encoder_keys | {"norm.weight", "norm.bias"}
     assert torch.equal(encoder["blocks.3.mlp.fc1.weight"], state_dict["student2.blocks.3.mlp.fc1.weight"])
@@ -78,7 +79,7 @@ def test_extract_encoder_keeps_only_one_students_encoder(pretrained_32):
 @pytest.mark.parametrize("student", [1, 2])
 def test_finetune_loads_the_requested_student(pretrained_32, student):
     path, state_dict = pretrained_32
-    model = models_vit.main_vit_tiny(img_size=32, num_classes=5)
+    model = models_vit.build_vit("main_vit_tiny", img_size=32, num_classes=5)
     load_pretrained_encoder(model, str(path), student=student)
     other = 3 - student
     for name in ("patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.11.mlp.fc2.bias", "cls_token"):
@@ -95,9 +96,18 @@ def test_is_momentum_is_an_alias_for_student_2():
     assert parser.parse_args(["--student", "2"]).student == 2
 
 
+@pytest.mark.parametrize("flags,global_pool", [([], True), (["--global_pool"], True), (["--no_global_pool"], False),
+                                               (["--cls_token"], False)])
+def test_global_pool_is_a_switch(flags, global_pool):
+    args = main_finetune.get_args_parser().parse_args(flags + ["--img_size", "32", "--patch_size", "8"])
+    assert args.global_pool is global_pool
+    model = main_finetune.build_model(args, num_classes=3)
+    assert models_vit.uses_fc_norm(model) is global_pool  # pooled patch tokens -> fc_norm, or the normed cls token
+
+
 def test_pos_embed_is_bicubically_resampled_for_a_larger_image(pretrained_32):
     path, state_dict = pretrained_32
-    model = models_vit.main_vit_tiny(img_size=64, num_classes=5)  # 4x4 grid from the 2x2 pretraining grid
+    model = models_vit.build_vit("main_vit_tiny", img_size=64, num_classes=5)  # 4x4 grid from the 2x2 pretraining grid
     load_pretrained_encoder(model, str(path))
     old = state_dict["student1.pos_embed"]  # [1, 1 + 2*2, 192]
     grid = old[:, 1:].reshape(1, 2, 2, -1).permute(0, 3, 1, 2)  # [1, D, 2, 2]
@@ -113,7 +123,7 @@ def test_pos_embed_is_bicubically_resampled_for_a_larger_image(pretrained_32):
 
 def test_cls_token_model_keeps_the_final_norm(pretrained_32):
     path, state_dict = pretrained_32
-    model = models_vit.main_vit_tiny(img_size=32, num_classes=5, global_pool=False)
+    model = models_vit.build_vit("main_vit_tiny", img_size=32, num_classes=5, global_pool=False)
     load_pretrained_encoder(model, str(path))
     assert torch.equal(model.norm.weight, state_dict["student1.norm.weight"])
     assert isinstance(model.fc_norm, nn.Identity)
@@ -135,7 +145,7 @@ def test_converted_checkpoint_loads_into_plain_timm(pretrained_64, tmp_path):
     assert torch.equal(model.blocks[5].attn.proj.weight, state_dict["student2.blocks.5.attn.proj.weight"])
 
     # the same file is a valid --finetune source (already encoder-only: no student to pick)
-    finetune_model = models_vit.main_vit_tiny(img_size=64, num_classes=5)
+    finetune_model = models_vit.build_vit("main_vit_tiny", img_size=64, num_classes=5)
     load_pretrained_encoder(finetune_model, str(out))
     assert torch.equal(finetune_model.pos_embed, state_dict["student2.pos_embed"])
 
@@ -157,14 +167,14 @@ def test_unexpected_keys_are_listed(pretrained_32, tmp_path):
     path = tmp_path / "deeper.pth"
     torch.save({"model": encoder}, path)
     with pytest.raises(ValueError, match=r"unexpected keys \['blocks\.12\.norm1\.weight'\].*--arch"):
-        load_pretrained_encoder(models_vit.main_vit_tiny(img_size=32), str(path))
+        load_pretrained_encoder(models_vit.build_vit("main_vit_tiny", img_size=32), str(path))
 
 
 # ------------------------------------------------------------------------------------------------
 # Optimizer, loss, engine
 # ------------------------------------------------------------------------------------------------
 def test_layer_decay_groups_scale_by_depth():
-    model = models_vit.main_vit_tiny(img_size=32, num_classes=5)
+    model = models_vit.build_vit("main_vit_tiny", img_size=32, num_classes=5)
     args = Namespace(weight_decay=0.05, layer_decay=0.75, lr=1e-3, device="cpu")
     optimizer = main_finetune.build_optimizer(args, model)
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}

@@ -9,7 +9,8 @@ from torchvision.transforms.v2 import functional as TF
 
 import models_dama
 from engine_pretrain import train_one_epoch
-from util.datasets import DataError, read_image
+from util.errors import DataError
+from util.io import read_image
 from util.gpu_augment import (CroppedImageFiles, GPUAugment, augment_batch, build_gpu_pretrain_dataset,
                               crop_size)
 from util.misc import LossScaler
@@ -92,7 +93,7 @@ def test_synthetic_dataset_gives_crops_and_training_runs_with_the_device_augment
     dataset = build_gpu_pretrain_dataset(args)
     image, _ = dataset[0]
     assert image.shape == (7, crop_size(32), crop_size(32))
-    model = models_dama.main_vit_tiny(img_size=32, patch_size=8, decoder_embed_dim=32, decoder_depth=1,
+    model = models_dama.build_model("main_vit_tiny", img_size=32, patch_size=8, decoder_embed_dim=32, decoder_depth=1,
                                       decoder_num_heads=2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     loader = torch.utils.data.DataLoader(dataset, batch_size=2)

@@ -219,7 +219,7 @@ def test_unknown_encoder_size_is_a_clear_error(tmp_path):
 
 def test_finetuned_global_pool_features_are_the_pre_logits(tmp_path):
     torch.manual_seed(0)
-    model = models_vit.main_vit_tiny(img_size=32, num_classes=5, global_pool=True).eval()
+    model = models_vit.build_vit("main_vit_tiny", img_size=32, num_classes=5, global_pool=True).eval()
     with torch.no_grad():
         model.fc_norm.weight.uniform_(0.5, 1.5)  # a trained fc_norm, not the identity init
     path = tmp_path / "finetuned.pth"

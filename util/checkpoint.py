@@ -7,14 +7,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from util.errors import CheckpointError
 from util.misc import is_main_process
 
 ROLLING_CHECKPOINT = "checkpoint.pth"
 _KEYS_SHOWN = 5  # how many mismatched state-dict keys an error message lists
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, unreadable, or does not fit the model/optimizer; the message names the file."""
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -12,8 +12,10 @@ import os
 
 import torch
 
-from models_vit import VIT_CONFIGS, init_head, uses_fc_norm
-from util.checkpoint import CheckpointError, save_checkpoint, torch_load
+from models_dama import ARCH_CONFIGS
+from models_vit import init_head, uses_fc_norm
+from util.checkpoint import save_checkpoint, torch_load
+from util.errors import CheckpointError, ConfigError
 from util.pos_embed import resample_pos_embed
 
 STUDENT_PREFIXES = {1: ("student1.", "base_encoder."), 2: ("student2.", "momentum_encoder.")}
@@ -43,14 +45,14 @@ def select_student(state_dict: dict, student: int) -> dict:
         selected = strip_prefix(state_dict, prefix)
         if selected:
             return selected
-    raise ValueError(f"no student {student} weights (keys starting with {' or '.join(STUDENT_PREFIXES[student])})"
-                     f" in this pretraining state dict")
+    raise CheckpointError(f"no student {student} weights (keys starting with "
+                          f"{' or '.join(STUDENT_PREFIXES[student])}) in this pretraining state dict")
 
 
 def extract_encoder(state_dict: dict, student: int = 1) -> dict:
     """Encoder-only state dict in timm names from a pretraining (or already encoder-only) state dict."""
     if student not in STUDENT_PREFIXES:
-        raise ValueError(f"--student must be 1 or 2, got {student}")
+        raise ConfigError(f"--student must be 1 or 2, got {student}")
     if any(key.startswith(DDP_PREFIX) for key in state_dict):
         state_dict = strip_prefix(state_dict, DDP_PREFIX)
     if has_student_prefixes(state_dict):
@@ -106,7 +108,7 @@ def check_shapes(encoder: dict, model: torch.nn.Module, path: str, pretrained_ar
         same_width = key != "pos_embed" or ckpt_shape[-1] == model_shape[-1]
         if ckpt_shape == model_shape or (key == "pos_embed" and same_width):
             continue
-        raise ValueError(
+        raise CheckpointError(
             f"checkpoint {path}: '{key}' has shape {list(ckpt_shape)} but the model expects "
             f"{list(model_shape)}; {shape_mismatch_hint(key, ckpt_shape, model_shape, pretrained_arch)}")
 
@@ -159,10 +161,10 @@ def load_pretrained_encoder(model: torch.nn.Module, path: str, student: int = 1)
     arch_hint = f"; use --arch {pretrained_arch} as in pretraining" if pretrained_arch else \
         "; use the --arch the checkpoint was pretrained with"
     if unexpected:
-        raise ValueError(f"checkpoint {path}: unexpected keys {key_list(unexpected)}{arch_hint}")
+        raise CheckpointError(f"checkpoint {path}: unexpected keys {key_list(unexpected)}{arch_hint}")
     wrongly_missing = set(missing) - allowed_missing_keys(model)
     if wrongly_missing:
-        raise ValueError(f"checkpoint {path}: missing keys {key_list(wrongly_missing)}{arch_hint}")
+        raise CheckpointError(f"checkpoint {path}: missing keys {key_list(wrongly_missing)}{arch_hint}")
     init_head(model)
     source = f"student {student} of " if from_students else ""
     print(f"Loaded the encoder of {source}{path} (newly initialised: {sorted(missing)})")
@@ -174,7 +176,7 @@ def count_blocks(encoder: dict) -> int:
 
 
 def infer_arch(embed_dim: int, depth: int) -> str:
-    for name, cfg in VIT_CONFIGS.items():
+    for name, cfg in ARCH_CONFIGS.items():
         if cfg["embed_dim"] == embed_dim and cfg["depth"] == depth:
             return name
     return ""
@@ -191,9 +193,9 @@ def encoder_metadata(encoder: dict, checkpoint: dict, student: int, path: str = 
     depth = count_blocks(encoder)
     grid = math.isqrt(encoder["pos_embed"].shape[1] - 1)  # cls row + grid x grid patches
     arch = pretrained_arch_of(checkpoint)
-    if arch not in VIT_CONFIGS:  # exported files, foreign checkpoints
+    if arch not in ARCH_CONFIGS:  # exported files, foreign checkpoints
         arch = infer_arch(embed_dim, depth)
-    num_heads = VIT_CONFIGS[arch]["num_heads"] if arch in VIT_CONFIGS else None
+    num_heads = ARCH_CONFIGS[arch]["num_heads"] if arch in ARCH_CONFIGS else None
     return dict(arch=arch, img_size=grid * patch_size, patch_size=patch_size, in_chans=in_chans,
                 embed_dim=embed_dim, depth=depth, num_heads=num_heads, student=student,
                 epoch=checkpoint.get("epoch"))

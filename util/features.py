@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 import util.misc as misc
+from util.errors import ConfigError, DataError
 
 POOLINGS = ("mean", "cls")
 
@@ -21,7 +22,7 @@ def all_patch_ids(batch_size: int, num_patches: int, device) -> torch.Tensor:
 
 def check_pool(pool: str) -> None:
     if pool not in POOLINGS:
-        raise ValueError(f"feature pooling must be one of {POOLINGS}, got {pool!r}")
+        raise ConfigError(f"feature pooling must be one of {POOLINGS}, got {pool!r}")
 
 
 def pool_tokens(tokens: torch.Tensor, pool: str, num_prefix_tokens: int = 1, norm=None) -> torch.Tensor:
@@ -67,7 +68,7 @@ def extract_features(encoder_fn, loader, device, amp_dtype: str = "none", print_
         if print_freq > 0 and (step % print_freq == 0 or done == total):
             print(f"[{done}/{total}] images  {done / max(time.time() - start, 1e-9):.1f} img/s", flush=True)
     if not features:
-        raise ValueError("extract_features: the data loader yielded no images")
+        raise DataError("extract_features: the data loader yielded no images")
     return torch.cat(features), torch.cat(labels)
 
 

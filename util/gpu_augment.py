@@ -1,6 +1,6 @@
 """The pretraining augmentation split between the data-loader workers and the GPU (--gpu_augment).
 
-The CPU pipeline of util.datasets.build_pretrain_transform (S/2 crop, bicubic resize to S, rotation,
+The CPU pipeline of util.transforms.build_pretrain_transform (S/2 crop, bicubic resize to S, rotation,
 integer shift, flips) costs 10-20 ms per 7-channel 224 px image on one core: far too slow to feed
 thousands of images per second from 16 cores. Here the workers only decode each file and cut the random
 S/2 crop, converting just the crop to float32; `GPUAugment` then does the rest for the whole batch on the
@@ -8,7 +8,6 @@ device in three kernels (one bicubic resize and one grid_sample that applies rot
 once). The result follows the CPU pipeline exactly for given parameters (tests/test_gpu_augment.py
 compares them), with the same parameter distributions.
 """
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,9 +16,10 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from util.datasets import (TIFF_EXTENSIONS, ImageFileDataset, SyntheticCells, TensorTransform, _read_pil_chw,
-                           _read_tiff_chw, _to_unit_float, check_image, checked, data_root, dataset_kind,
-                           pretrain_samples, synthetic_size)
+from util.datasets import ImageFileDataset, checked, data_root, dataset_kind, pretrain_samples, synthetic_size
+from util.io import check_image, read_raw_chw, to_unit_float
+from util.synthetic import SyntheticCells
+from util.transforms import TensorTransform
 
 MAX_ROTATION_DEG = 90.0  # the reference's rotation range: uniform in [-90, 90]
 MAX_SHIFT_FRACTION = 0.3  # the reference's shift: up to 30% of the side, rounded to whole pixels
@@ -32,12 +32,6 @@ def crop_size(img_size: int) -> int:
     return img_size // 2  # the reference crops half the training side and resizes it up
 
 
-def read_raw_chw(path) -> np.ndarray:
-    """An image file as numpy [C, H, W] in its stored dtype (uint16 stays uint16)."""
-    path = Path(path)
-    return _read_tiff_chw(path) if path.suffix.lower() in TIFF_EXTENSIONS else _read_pil_chw(path)
-
-
 def random_crop_unit_float(array: np.ndarray, crop: int, path) -> torch.Tensor:
     """Uniformly placed crop x crop window of [C, H, W] `array`, scaled to float32 like read_image.
 
@@ -46,7 +40,7 @@ def random_crop_unit_float(array: np.ndarray, crop: int, path) -> torch.Tensor:
     _, height, width = array.shape
     top = int(torch.randint(0, height - crop + 1, ()))
     left = int(torch.randint(0, width - crop + 1, ()))
-    return _to_unit_float(array[:, top:top + crop, left:left + crop], path)  # [C, crop, crop]
+    return to_unit_float(array[:, top:top + crop, left:left + crop], path)  # [C, crop, crop]
 
 
 class CroppedImageFiles(ImageFileDataset):

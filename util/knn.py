@@ -12,8 +12,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 import util.misc as misc
-from util.datasets import DEFAULT_VAL_CROP, DataError, build_finetune_dataset, build_finetune_transform
+from util.datasets import build_finetune_dataset
+from util.errors import ConfigError, DataError
 from util.features import POOLINGS, extract_features, gather_from_ranks, student_encoder
+from util.transforms import DEFAULT_VAL_CROP, build_finetune_transform
 
 
 # --------------------------------------------------------------------------------------------------
@@ -26,7 +28,7 @@ def knn_class_scores(train_features, train_labels, query_features, num_classes: 
     train_features [Nt, D], train_labels [Nt] (int), query_features [Nq, D]. k is capped at Nt.
     """
     if k < 1 or temperature <= 0:
-        raise ValueError(f"kNN needs k >= 1 and temperature > 0, got k={k}, temperature={temperature}")
+        raise ConfigError(f"kNN needs k >= 1 and temperature > 0, got k={k}, temperature={temperature}")
     train = F.normalize(train_features.float(), dim=1)
     k = min(k, train.shape[0])
     scores = []
@@ -98,7 +100,7 @@ class KnnMonitor:
 
     def __init__(self, args):
         if args.knn_k < 1 or args.knn_temperature <= 0:
-            raise ValueError(f"--knn_k must be >= 1 and --knn_temperature > 0, got {args.knn_k}, "
+            raise ConfigError(f"--knn_k must be >= 1 and --knn_temperature > 0, got {args.knn_k}, "
                              f"{args.knn_temperature}")
         self.freq, self.epochs = args.knn_freq, args.epochs
         self.k, self.temperature, self.pool = args.knn_k, args.knn_temperature, args.knn_pool

@@ -20,6 +20,7 @@ import torch
 
 import util.misc as misc
 from util.checkpoint import ROLLING_CHECKPOINT
+from util.errors import LaunchError
 
 CLUSTERS = ("slurm", "local", "debug")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -27,10 +28,6 @@ DEFAULT_JOB_DIR = "job_dir/%j"  # under the current directory; %j becomes the jo
 SIGNAL_DELAY_S = 120  # SLURM warns the job this long before its time limit: time to stop and requeue
 # Variables that select the env:// branch of init_distributed_mode; a one-task job must not inherit them.
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-class LaunchError(ValueError):
-    """A launcher flag that cannot work; the message names the flag."""
 
 
 def default_cluster() -> str:

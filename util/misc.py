@@ -13,26 +13,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from util.errors import ConfigError, LaunchError
+
 # The interpreter's own print, kept so that the override below can be installed (and undone) any number of times.
 _BUILTIN_PRINT = builtins.print
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Command line and run errors
-# ----------------------------------------------------------------------------------------------------------------
-class NonFiniteLossError(RuntimeError):
-    """A training loss became NaN or infinite: the run stops and writes no checkpoint after it (the last good
-    one is kept). Raised by both engines; the scripts report it as one line with exit code 1."""
-
-
-def add_bool_flag(parser, name, default, help=None):
-    """`--name` / `--no_name` (MAE's spelling; `--no-name` is accepted too) for a switch that defaults to `default`."""
-    parser.add_argument(f"--{name}", dest=name, action="store_true", help=help)
-    parser.add_argument(f"--no_{name}", f"--no-{name}", dest=name, action="store_false",
-                        help=f"turn --{name} off (default: {'on' if default else 'off'})")
-    parser.set_defaults(**{name: default})
-    return parser
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -56,7 +41,7 @@ def _launcher_env(args):
                   "MASTER_ADDR", "MASTER_PORT"]
         missing = [name for name in needed if name not in env]
         if missing:
-            raise ValueError(f"--dist_on_itp needs the environment variables {', '.join(missing)}")
+            raise LaunchError(f"--dist_on_itp needs the environment variables {', '.join(missing)}")
         rank, world_size = int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"])
         local_rank = int(env["OMPI_COMM_WORLD_LOCAL_RANK"])
         # later code (and child processes) read the torchrun names
@@ -91,7 +76,7 @@ def init_distributed_mode(args):
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if backend == "nccl":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {device} was asked for but CUDA is not available; use --device cpu")
+            raise LaunchError(f"--device {device} was asked for but CUDA is not available; use --device cpu")
         torch.cuda.set_device(local_rank)
         device = f"cuda:{local_rank}"
     args.distributed, args.rank, args.world_size, args.local_rank = True, rank, world_size, local_rank
@@ -182,6 +167,13 @@ def all_reduce_mean(value) -> float:
         value = torch.tensor(float(value), device=_comm_device())
     (mean,) = all_reduce_mean_list(value)
     return mean
+
+
+def unwrap_model(model):
+    """The model inside DistributedDataParallel and torch.compile wrappers (in either order)."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    model = getattr(model, "module", model)  # DDP
+    return getattr(model, "_orig_mod", model)
 
 
 def grad_sync_context(model, update_grad: bool):
@@ -330,7 +322,7 @@ def _json_default(value):
 # ----------------------------------------------------------------------------------------------------------------
 def _check_amp_dtype(amp_dtype: str):
     if amp_dtype not in AMP_DTYPES:
-        raise ValueError(f"--amp_dtype must be one of {sorted(AMP_DTYPES)}, got {amp_dtype!r}")
+        raise ConfigError(f"--amp_dtype must be one of {sorted(AMP_DTYPES)}, got {amp_dtype!r}")
 
 
 def _device_type(device) -> str:
@@ -345,7 +337,7 @@ def autocast_context(device, amp_dtype: str):
         return nullcontext()
     if amp_dtype == "fp16" and device_type != "cuda":
         # without a grad scaler (cuda only here) fp16 gradients underflow
-        raise ValueError(f"--amp_dtype fp16 needs a cuda device, got --device {device}; use bf16 or none")
+        raise ConfigError(f"--amp_dtype fp16 needs a cuda device, got --device {device}; use bf16 or none")
     return torch.autocast(device_type=device_type, dtype=AMP_DTYPES[amp_dtype])
 
 

@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import make_grid
 
 from models_dama import patchify, unpatchify
+from util.errors import ConfigError
 
 HIDDEN_GREY = 0.5  # fill of hidden patches in the mask panels (uint8 128)
 VISIBLE_BLUE = (0.10, 0.10, 0.35)  # loss panel: patches student 1 saw (no loss drives the masking there)
@@ -52,15 +53,15 @@ def parse_channels(text: str, in_chans: int, flag: str = "--channels") -> tuple:
     try:
         channels = tuple(int(part) for part in text.split(","))
     except ValueError:
-        raise ValueError(f"{flag} {text!r}: expected three comma-separated channel indices, e.g. 2,3,4") from None
+        raise ConfigError(f"{flag} {text!r}: expected three comma-separated channel indices, e.g. 2,3,4") from None
     if len(channels) != 3 or not all(0 <= c < in_chans for c in channels):
-        raise ValueError(f"{flag} {text!r}: expected three channel indices (R,G,B) between 0 and {in_chans - 1}")
+        raise ConfigError(f"{flag} {text!r}: expected three channel indices (R,G,B) between 0 and {in_chans - 1}")
     return channels
 
 
 def channel_name(channel: int, in_chans: int) -> str:
     """'c2 NeuN' for the 7-channel brain-cell panel, 'c2' otherwise."""
-    from util.datasets import MARKERS  # local: the figure code needs the datasets module only for names
+    from util.synthetic import MARKERS  # local: the figure code needs the synthetic module only for names
     return f"c{channel} {MARKERS[channel]}" if in_chans == len(MARKERS) else f"c{channel}"
 
 
@@ -289,7 +290,7 @@ def fixed_batch(dataset, num_images: int, seed: int = 0) -> torch.Tensor:
     (every --vis_freq epoch and a later visualize.py run show the same views) without disturbing training.
     """
     if num_images < 1:
-        raise ValueError(f"--num_images / --vis_num_images must be at least 1, got {num_images}")
+        raise ConfigError(f"--num_images / --vis_num_images must be at least 1, got {num_images}")
     count = min(num_images, len(dataset))
     indices = torch.linspace(0, len(dataset) - 1, count).round().long().unique().tolist()
     with torch.random.fork_rng(devices=[]):

@@ -1,0 +1,79 @@
+"""What every script shares on the command line: its error line and exit code, and argparse helpers.
+
+Exit codes of all scripts:
+    0  success
+    1  a crash (a bug or an environment failure): the full traceback is printed
+    2  bad input (a flag, file, checkpoint or launch the project's own checks refused): one `error: ...` line
+    3  training diverged (a NaN or infinite loss): one `error: ...` line; the last good checkpoint is kept
+"""
+import re
+import sys
+
+from util.errors import NonFiniteLossError, UserError
+
+EXIT_OK, EXIT_CRASH, EXIT_USER_ERROR, EXIT_DIVERGED = 0, 1, 2, 3
+
+_WORKER_MARKER = "in DataLoader worker process"
+_EXCEPTION_LINE = re.compile(r"([A-Za-z_][\w.]*)(?:: (.*))?$")
+
+
+def error_line(exc: BaseException) -> str:
+    """One clean line for a UserError or NonFiniteLossError: its message, without the type name (the message says
+    what is wrong); 'Type: message' for anything else.
+
+    A DataLoader worker re-raises the original exception type with a message holding the whole worker
+    traceback ("Caught X in DataLoader worker process N. Original Traceback ..."): the original message is
+    taken from it.
+    """
+    name, message = type(exc).__name__, str(exc)
+    if _WORKER_MARKER in message:
+        name, message = _original_exception(message)
+    message = " ".join(line.strip() for line in message.splitlines() if line.strip())
+    if isinstance(exc, (UserError, NonFiniteLossError)):
+        return message or name
+    return f"{name}: {message}" if message else name
+
+
+def _original_exception(worker_message: str):
+    """(type name, message) of the last exception in a worker's traceback text."""
+    last = worker_message.rsplit("Traceback (most recent call last):", 1)[-1]
+    lines = [line for line in last.splitlines() if line.strip()]
+    tail = [line for line in lines if not line[0].isspace()]  # frame lines are indented; the exception is not
+    if not tail:
+        return "Error", worker_message
+    match = _EXCEPTION_LINE.match(tail[0])
+    if not match:
+        return "Error", "\n".join(tail)
+    message = "\n".join([match.group(2) or ""] + tail[1:])
+    return match.group(1).rsplit(".", 1)[-1], message
+
+
+def run_tool(main, args) -> int:
+    """main(args) for a command-line script; returns its exit code (see the module docstring) and leaves the
+    process group either way.
+
+    Only the project's own errors (util.errors) become one line; anything else propagates with its traceback
+    (Python then exits with 1).
+    """
+    from util.misc import cleanup_distributed  # torch-heavy: not needed to parse flags
+
+    try:
+        main(args)
+    except UserError as exc:
+        sys.stderr.write(f"error: {error_line(exc)}\n")  # plain write: print() may be rank-filtered
+        return EXIT_USER_ERROR
+    except NonFiniteLossError as exc:
+        sys.stderr.write(f"error: {error_line(exc)}\n")
+        return EXIT_DIVERGED
+    finally:
+        cleanup_distributed()
+    return EXIT_OK
+
+
+def add_bool_flag(parser, name, default, help=None):
+    """`--name` / `--no_name` (MAE's spelling; `--no-name` is accepted too) for a switch that defaults to `default`."""
+    parser.add_argument(f"--{name}", dest=name, action="store_true", help=help)
+    parser.add_argument(f"--no_{name}", f"--no-{name}", dest=name, action="store_false",
+                        help=f"turn --{name} off (default: {'on' if default else 'off'})")
+    parser.set_defaults(**{name: default})
+    return parser
