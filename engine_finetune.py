@@ -8,6 +8,8 @@ from timm.utils import accuracy
 import util.lr_sched as lr_sched
 import util.misc as misc
 from util.errors import DataError, NonFiniteLossError
+from util.run_control import is_sync_point
+from util.sampling import seed_step
 
 PRINT_FREQ = 20
 
@@ -17,56 +19,70 @@ def current_lr(optimizer) -> float:
     return max(group["lr"] for group in optimizer.param_groups)
 
 
-def check_finite(loss_sum: torch.Tensor, epoch: int, step: int) -> float:
-    """All-reduced running loss sum; raises on NaN/inf. Every rank gets the same answer, so all stop together."""
-    total = misc.all_reduce_mean(loss_sum)
-    if not math.isfinite(total):
+def check_finite(mean_loss: float, epoch: int, step: int) -> None:
+    """Raises on a NaN/inf window mean; the value is all-reduced, so every rank stops at the same step."""
+    if not math.isfinite(mean_loss):
         raise NonFiniteLossError(
-            f"training loss became {total} by epoch {epoch} iteration {step}; stopping without writing a "
+            f"training loss became {mean_loss} by epoch {epoch} iteration {step}; stopping without writing a "
             f"checkpoint (try a lower --blr/--lr, --clip_grad, or --amp_dtype none)")
-    return total
 
 
 def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int, loss_scaler, args,
-                    mixup_fn=None, log_writer=None, print_freq: int = PRINT_FREQ) -> dict:
-    """Train one epoch; returns {'loss': mean training loss over all ranks, 'lr': last lr}."""
+                    mixup_fn=None, log_writer=None, print_freq: int = PRINT_FREQ, checkpoints=None,
+                    epoch_state=None) -> dict:
+    """Train one epoch (or its rest after a mid-epoch resume); returns {'loss': mean training loss over all ranks,
+    'lr': last lr}.
+
+    The same step structure as pretraining (engine_pretrain): per-step seeds from (seed, epoch, step, rank) for
+    mixup, cutmix and drop path; one accumulation rule (util.misc.accumulation_step); the loss read back only at
+    synchronisation points, where mid-epoch checkpoints are written and stop signals obeyed.
+    """
     model.train(True)
     metric_logger = misc.MetricLogger(delimiter="  ")
     metric_logger.add_meter("lr", misc.SmoothedValue(window_size=1, fmt="{value:.6f}"))
     header = f"Epoch: [{epoch}]"
     accum_iter = args.accum_iter
-    num_steps = len(data_loader)
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)  # on device: no host sync per step
+    steps_per_epoch, start_step = misc.loader_position(data_loader)
+    losses = misc.LossWindow(("loss",), device, epoch_state)
+    schedule = checkpoints.schedule if checkpoints is not None else None
     optimizer.zero_grad(set_to_none=True)
 
-    for step, (samples, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
+    batches = metric_logger.log_every(data_loader, print_freq, header, first=start_step, total=steps_per_epoch)
+    for step, (samples, targets) in enumerate(batches, start=start_step):
+        divisor, update_grad = misc.accumulation_step(step, steps_per_epoch, accum_iter)
         if step % accum_iter == 0:  # per-iteration schedule on the fractional epoch
-            lr_sched.adjust_learning_rate(optimizer, epoch + step / num_steps, args)
+            lr_sched.adjust_learning_rate(optimizer, epoch + step / steps_per_epoch, args)
+        seed_step(args.seed, epoch, step, misc.get_rank())
         samples = samples.to(device, non_blocking=True)  # [N, C, S, S]
         targets = targets.to(device, non_blocking=True)  # [N]
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)  # targets -> soft [N, num_classes]
 
-        update_grad = (step + 1) % accum_iter == 0 or step + 1 == num_steps
         with misc.grad_sync_context(model, update_grad):
             with misc.autocast_context(device, args.amp_dtype):
                 logits = model(samples)  # [N, num_classes]
                 loss = criterion(logits.float(), targets)
-            loss_scaler(loss / accum_iter, optimizer, clip_grad=args.clip_grad,
+            loss_scaler(loss / divisor, optimizer, clip_grad=args.clip_grad,
                         parameters=model.parameters(), update_grad=update_grad)
-        loss_sum += loss.detach()
         if update_grad:
             optimizer.zero_grad(set_to_none=True)
+        losses.add([loss])
 
-        if step % print_freq == 0 or step + 1 == num_steps:
-            mean_loss = check_finite(loss_sum, epoch, step) / (step + 1)
-            metric_logger.update(loss=mean_loss, lr=current_lr(optimizer))
+        if is_sync_point(step, steps_per_epoch, accum_iter, print_freq, schedule):
+            requests = checkpoints.local_requests() if checkpoints is not None else []
+            window_steps = losses.count
+            means, requests = losses.sync(requests)
+            check_finite(means["loss"], epoch, step)
+            metric_logger.meters["loss"].update(means["loss"], n=window_steps)
+            metric_logger.update(lr=current_lr(optimizer))
             if log_writer is not None:
-                epoch_1000x = int((epoch + step / num_steps) * 1000)  # x axis comparable across batch sizes
-                log_writer.add_scalar("loss", mean_loss, epoch_1000x)
+                epoch_1000x = int((epoch + step / steps_per_epoch) * 1000)  # x axis comparable across batch sizes
+                log_writer.add_scalar("loss", means["loss"], epoch_1000x)
                 log_writer.add_scalar("lr", current_lr(optimizer), epoch_1000x)
+            if checkpoints is not None:
+                checkpoints.at_sync_point(epoch, step + 1, steps_per_epoch, requests, losses.state())
 
-    train_loss = check_finite(loss_sum, epoch, num_steps - 1) / max(num_steps, 1)
+    train_loss = losses.epoch_means()["loss"]
     print(f"Averaged stats: loss {train_loss:.4f}  lr {current_lr(optimizer):.6f}")
     return {"loss": train_loss, "lr": current_lr(optimizer)}
 

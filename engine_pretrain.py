@@ -1,11 +1,12 @@
 """One epoch of DAMA pretraining."""
 import math
 
-import torch
-
 import util.misc as misc
 from util.errors import NonFiniteLossError
 from util.lr_sched import adjust_learning_rate
+from util.run_control import is_sync_point
+from util.sampling import seed_step
+
 
 def info_weight_for_epoch(epoch: int, args) -> float:
     """The regression term is left out (weight 0) during the first --stable_epoch epochs."""
@@ -21,58 +22,62 @@ def check_finite(values: dict, epoch: int, step: int) -> None:
 
 
 def train_one_epoch(model, data_loader, optimizer, device, epoch, loss_scaler, log_writer=None, args=None,
-                    batch_transform=None):
-    """Train for one epoch and return the epoch's mean of each loss term (averaged over ranks) and lr.
+                    batch_transform=None, checkpoints=None, epoch_state=None):
+    """Train one epoch (or its rest, when the loader's sampler starts mid-epoch) and return the epoch's mean of
+    each loss term (averaged over ranks) and the lr.
 
-    Loss values stay on the device and are read back only every --print_freq steps: the window's sums are
-    all-reduced there (one collective for all terms) and read once (one host sync per window instead of one
-    per step). The non-finite check runs on those rank-averaged values, so every rank stops at the same step.
-    batch_transform, when given, maps each batch once it is on the device (the --gpu_augment path).
+    Loss values stay on the device and are read back only at synchronisation points (every --print_freq optimizer
+    steps, util.run_control.is_sync_point): one all-reduce for all terms plus the mid-epoch checkpoint requests,
+    one host sync. The non-finite check runs on those rank-averaged values, so every rank stops at the same step.
+    Every step is seeded from (seed, epoch, step, rank): masks and --gpu_augment draws do not depend on where the
+    run was resumed. batch_transform, when given, maps each batch once it is on the device (--gpu_augment).
+    checkpoints (util.run_control.MidEpochCheckpoints) writes mid-epoch checkpoints and stops on signals;
+    epoch_state is the partial epoch's totals from such a checkpoint.
     """
     model.train()
     metric_logger = misc.MetricLogger(delimiter="  ")
     metric_logger.add_meter("lr", misc.SmoothedValue(window_size=1, fmt="{value:.6f}"))
     header = f"Epoch: [{epoch}]"
     accum_iter, print_freq = args.accum_iter, args.print_freq
-    num_steps = len(data_loader)
+    steps_per_epoch, start_step = misc.loader_position(data_loader)
     info_weight = info_weight_for_epoch(epoch, args)
-    loss_terms = misc.unwrap_model(model).loss_terms  # DAMA: loss, recon1, recon2, info; MAE: loss
+    losses = misc.LossWindow(misc.unwrap_model(model).loss_terms, device, epoch_state)  # DAMA: 4 terms, MAE: 1
+    schedule = checkpoints.schedule if checkpoints is not None else None
+    lr = optimizer.param_groups[0]["lr"]
 
-    window_sums = torch.zeros(len(loss_terms), device=device)  # loss terms summed since the last read
-    epoch_sums = [0.0] * len(loss_terms)  # rank-averaged window sums, added up on the host
-    window_count, lr = 0, optimizer.param_groups[0]["lr"]
     optimizer.zero_grad(set_to_none=True)
-    for step, (samples, _) in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
+    batches = metric_logger.log_every(data_loader, print_freq, header, first=start_step, total=steps_per_epoch)
+    for step, (samples, _) in enumerate(batches, start=start_step):
+        divisor, update_grad = misc.accumulation_step(step, steps_per_epoch, accum_iter)
         if step % accum_iter == 0:  # per-iteration schedule on the fractional epoch
-            lr = adjust_learning_rate(optimizer, epoch + step / num_steps, args)
+            lr = adjust_learning_rate(optimizer, epoch + step / steps_per_epoch, args)
+        seed_step(args.seed, epoch, step, misc.get_rank())
         samples = samples.to(device, non_blocking=True)
         if batch_transform is not None:  # e.g. util.gpu_augment.GPUAugment: augmentation on the device
             samples = batch_transform(samples)
-        update_grad = (step + 1) % accum_iter == 0
         with misc.grad_sync_context(model, update_grad):  # no DDP all-reduce on accumulation-only steps
             with misc.autocast_context(device, args.amp_dtype):
                 out = model(samples, info_weight=info_weight)
-            loss_scaler(out["loss"] / accum_iter, optimizer, parameters=model.parameters(), update_grad=update_grad)
+            loss_scaler(out["loss"] / divisor, optimizer, parameters=model.parameters(), update_grad=update_grad)
         if update_grad:
             optimizer.zero_grad(set_to_none=True)
-        window_sums += torch.stack([out[k].detach().float() for k in loss_terms])
-        window_count += 1
+        losses.add([out[k] for k in losses.terms])
 
-        if step % print_freq == 0 or step == num_steps - 1:
-            sums = misc.all_reduce_mean_list(window_sums)  # the one collective and the one host sync
-            means = {k: v / window_count for k, v in zip(loss_terms, sums)}
+        if is_sync_point(step, steps_per_epoch, accum_iter, print_freq, schedule):
+            requests = checkpoints.local_requests() if checkpoints is not None else []
+            window_steps = losses.count
+            means, requests = losses.sync(requests)  # the one collective and the one host sync
             check_finite(means, epoch, step)  # identical values on every rank: all stop together
-            epoch_sums = [total + v for total, v in zip(epoch_sums, sums)]
             for k, v in means.items():
-                metric_logger.meters[k].update(v, n=window_count)
+                metric_logger.meters[k].update(v, n=window_steps)
             metric_logger.update(lr=lr)
-            write_tensorboard(log_writer, means, lr, epoch + step / num_steps)
-            window_sums.zero_()
-            window_count = 0
+            write_tensorboard(log_writer, means, lr, epoch + step / steps_per_epoch)
+            if checkpoints is not None:
+                checkpoints.at_sync_point(epoch, step + 1, steps_per_epoch, requests, losses.state())
 
-    # Every step ends up in one window (the last step closes one), and the windows are already averaged over
-    # ranks: the epoch means need no further collective.
-    stats = {k: total / max(num_steps, 1) for k, total in zip(loss_terms, epoch_sums)}
+    # Every step ends in a window (the epoch's last step is a sync point), and the windows are already averaged
+    # over ranks: the epoch means need no further collective.
+    stats = losses.epoch_means()
     stats["lr"] = lr
     print("Averaged stats:", "  ".join(f"{k}: {v:.4g}" for k, v in stats.items()))
     return stats

@@ -22,13 +22,17 @@ import models_dama
 import models_vit
 import util.lr_decay as lrd
 import util.misc as misc
-from engine_finetune import evaluate, train_one_epoch
-from util.checkpoint import find_resume_checkpoint, resume, save_model
+from engine_finetune import PRINT_FREQ, evaluate, train_one_epoch
+from util.checkpoint import (add_resume_args, check_save_schedule, find_resume_checkpoint, resume, run_identity,
+                              run_is_finished, save_model)
 from util.cli import add_bool_flag, run_tool
 from util.convert import load_pretrained_encoder
 from util.datasets import build_finetune_dataset
 from util.errors import ConfigError, DataError
 from util.lr_sched import resolve_lr
+from util.output import exclusive_output_dir, prepare_output_dir
+from util.run_control import MidEpochCheckpoints, SaveSchedule, StopSignals
+from util.sampling import resumable_loader
 
 # big enough that ViT-T learns the synthetic cell types in a few CPU epochs, small enough to take minutes
 DEFAULT_SYNTHETIC_SIZE = 2000
@@ -85,8 +89,10 @@ def add_checkpoint_args(parser):
     parser.add_argument("--resume", default="", help="fine-tuning checkpoint to resume from")
     parser.add_argument("--start_epoch", default=0, type=int)
     parser.add_argument("--save_freq", default=50, type=int, help="also keep checkpoint-<epoch>.pth this often")
+    parser.add_argument("--print_freq", default=PRINT_FREQ, type=int, help="log every N steps")
     parser.add_argument("--eval", action="store_true", help="evaluate (--resume CKPT) and exit")
     parser.add_argument("--dist_eval", action="store_true", help="shard the validation set over the ranks")
+    add_resume_args(parser)
 
 
 def add_data_args(parser):
@@ -96,7 +102,8 @@ def add_data_args(parser):
     parser.add_argument("--synthetic_size", default=DEFAULT_SYNTHETIC_SIZE, type=int,
                         help="training images of --dataset synthetic")
     parser.add_argument("--val_crop", default=48, type=int, help="centre crop of validation images before resize")
-    parser.add_argument("--num_workers", default=10, type=int)
+    parser.add_argument("--num_workers", default=misc.default_num_workers(), type=int,
+                        help="DataLoader worker processes per GPU (default: up to 10, at most the CPUs available)")
     add_bool_flag(parser, "pin_mem", True, help="pin CPU memory in the data loaders (default on)")
 
 
@@ -120,8 +127,10 @@ def resolve_defaults(args):
         args.amp_dtype = "bf16" if str(args.device).startswith("cuda") else "none"
     if args.log_dir is None:
         args.log_dir = args.output_dir
-    if args.accum_iter < 1:
-        raise ConfigError(f"--accum_iter must be >= 1, got {args.accum_iter}")
+    for flag in ("batch_size", "epochs", "accum_iter", "print_freq"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    check_save_schedule(args)
 
 
 def mixup_active(args) -> bool:
@@ -157,18 +166,17 @@ def build_loaders(args, dataset_train, dataset_val):
     """Train: DistributedSampler always (a fresh order per epoch via set_epoch), drop_last (mixup needs even
     batches). Val: sharded with --dist_eval, else every rank reads the whole set in order."""
     world_size, rank = misc.get_world_size(), misc.get_rank()
-    sampler_train = torch.utils.data.DistributedSampler(
-        dataset_train, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
+    pin_memory = args.pin_mem and str(args.device).startswith("cuda")
+    # reproducible order, augmentation and start step (util.sampling), as pretraining
+    loader_train = resumable_loader(dataset_train, args.batch_size, args.num_workers, args.seed, world_size, rank,
+                                    pin_memory=pin_memory)
     if args.dist_eval:
         sampler_val = ShardSampler(len(dataset_val), rank, world_size)
     else:
         sampler_val = torch.utils.data.SequentialSampler(dataset_val)
-    common = dict(num_workers=args.num_workers, pin_memory=args.pin_mem and str(args.device).startswith("cuda"),
-                  persistent_workers=args.num_workers > 0)
-    loader_train = torch.utils.data.DataLoader(dataset_train, sampler=sampler_train, batch_size=args.batch_size,
-                                               drop_last=True, **common)
     loader_val = torch.utils.data.DataLoader(dataset_val, sampler=sampler_val, batch_size=args.batch_size,
-                                             drop_last=False, **common)
+                                             drop_last=False, num_workers=args.num_workers, pin_memory=pin_memory,
+                                             persistent_workers=args.num_workers > 0)
     if len(loader_train) == 0:
         raise DataError(f"{len(dataset_train)} training images are fewer than one batch of {args.batch_size} "
                         f"x {world_size} processes; lower --batch_size")
@@ -214,7 +222,6 @@ def build_log_writer(args):
     if not misc.is_main_process() or not args.log_dir:
         return None
     from torch.utils.tensorboard import SummaryWriter  # imported here: slow, and only rank 0 needs it
-    os.makedirs(args.log_dir, exist_ok=True)
     return SummaryWriter(log_dir=args.log_dir)
 
 
@@ -229,16 +236,14 @@ def print_eval_accuracy(num_images: int, stats: dict):
     print(f"Accuracy of the network on the {num_images} test images: {stats['acc1']:.2f}%")
 
 
-def save_epoch_checkpoints(args, epoch, model_without_ddp, optimizer, loss_scaler, max_accuracy, improved):
+def save_epoch_checkpoints(save, args, epoch, max_accuracy, improved):
     """Rolling checkpoint.pth every epoch, checkpoint-<epoch>.pth every --save_freq, checkpoint-best.pth."""
-    if not args.output_dir:
-        return
     extra = {"max_accuracy": max_accuracy}
-    save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, extra=extra)
+    save(epoch, extra=extra)
     if args.save_freq > 0 and (epoch + 1) % args.save_freq == 0:
-        save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, name=str(epoch), extra=extra)
+        save(epoch, name=str(epoch), extra=extra)
     if improved:
-        save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, name="checkpoint-best", extra=extra)
+        save(epoch, name="checkpoint-best", extra=extra)
 
 
 def epoch_log_line(epoch, train_stats, test_stats, n_parameters) -> dict:
@@ -254,45 +259,65 @@ def log_test_scalars(log_writer, test_stats, epoch):
     log_writer.flush()
 
 
-def train(args, model, model_without_ddp, loaders, criterion, mixup_fn, optimizer, loss_scaler,
-          num_classes, max_accuracy):
+def train(args, run: dict):
     """Epoch loop: train, evaluate, checkpoint, log. Returns the best top-1."""
-    loader_train, loader_val = loaders
+    model, model_without_ddp = run["model"], run["model_without_ddp"]
+    optimizer, loss_scaler, num_classes = run["optimizer"], run["loss_scaler"], run["num_classes"]
+    loader_train, loader_val = run["loaders"]
+    max_accuracy = run["max_accuracy"]
+
+    def save(epoch, name=None, extra=None):
+        return save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, name=name, extra=extra,
+                          run=run["identity"])
+
+    stop_signals = StopSignals().install()
+    checkpoints = MidEpochCheckpoints(
+        SaveSchedule(args.save_every_steps, args.save_every_minutes, stop_signals),
+        lambda epoch, step, state: save(epoch, extra={"step": step, "epoch_state": state,
+                                                       "max_accuracy": max_accuracy}))
     log_writer = build_log_writer(args)
     n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
-    print(f"Start training for {args.epochs} epochs")
+    where = f"epoch {args.start_epoch}" + (f", step {args.start_step}" if args.start_step else "")
+    print(f"Start training for {args.epochs} epochs from {where}")
     start_time = time.time()
-    for epoch in range(args.start_epoch, args.epochs):
-        loader_train.sampler.set_epoch(epoch)  # a new shuffle every epoch, the same on all ranks
-        train_stats = train_one_epoch(model, criterion, loader_train, optimizer, args.device, epoch, loss_scaler,
-                                      args, mixup_fn=mixup_fn, log_writer=log_writer)
-        test_stats = evaluate(loader_val, model_without_ddp, args.device, args.amp_dtype, num_classes,
-                              sharded=args.dist_eval)
-        print_eval_accuracy(len(loader_val.dataset), test_stats)
-        improved = test_stats["acc1"] >= max_accuracy  # >= as the reference: the first epoch always saves a best
-        max_accuracy = max(max_accuracy, test_stats["acc1"])
-        print(f"Max accuracy: {max_accuracy:.2f}%")
-        save_epoch_checkpoints(args, epoch, model_without_ddp, optimizer, loss_scaler, max_accuracy, improved)
-        log_test_scalars(log_writer, test_stats, epoch)
-        misc.append_json_log(args.output_dir, epoch_log_line(epoch, train_stats, test_stats, n_parameters))
+    try:
+        for epoch in range(args.start_epoch, args.epochs):
+            resumed_step = args.start_step if epoch == args.start_epoch else 0
+            loader_train.sampler.set_epoch(epoch, resumed_step)  # a new shuffle every epoch, the same on all ranks
+            train_stats = train_one_epoch(
+                model, run["criterion"], loader_train, optimizer, args.device, epoch, loss_scaler, args,
+                mixup_fn=run["mixup_fn"], log_writer=log_writer, print_freq=args.print_freq,
+                checkpoints=checkpoints, epoch_state=run["checkpoint"].get("epoch_state") if resumed_step else None)
+            test_stats = evaluate(loader_val, model_without_ddp, args.device, args.amp_dtype, num_classes,
+                                  sharded=args.dist_eval)
+            print_eval_accuracy(len(loader_val.dataset), test_stats)
+            improved = test_stats["acc1"] >= max_accuracy  # >= as the reference: the first epoch always saves a best
+            max_accuracy = max(max_accuracy, test_stats["acc1"])
+            print(f"Max accuracy: {max_accuracy:.2f}%")
+            save_epoch_checkpoints(save, args, epoch, max_accuracy, improved)
+            log_test_scalars(log_writer, test_stats, epoch)
+            misc.append_json_log(args.output_dir, epoch_log_line(epoch, train_stats, test_stats, n_parameters))
+    finally:
+        stop_signals.uninstall()
+        if log_writer is not None:
+            log_writer.close()
     misc.append_json_log(args.output_dir, {"max_accuracy": max_accuracy})
-    if log_writer is not None:
-        log_writer.close()
     print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
     return max_accuracy
 
 
-def setup(args, make_model=build_finetune_model, make_optimizer=build_optimizer):
+def setup(args, identity: dict, make_model=build_finetune_model, make_optimizer=build_optimizer):
     """Everything before the first step; errors here are the user's flags or files.
 
     make_model(args, num_classes) and make_optimizer(args, model_without_ddp) are what main_linprobe.py
-    replaces (a frozen encoder, a head-only optimiser); everything else is shared.
+    replaces (a frozen encoder, a head-only optimiser); everything else is shared. identity: the run identity
+    (util.checkpoint.run_identity) of the command.
     """
-    resolve_defaults(args)
-    misc.init_distributed_mode(args)
     print(f"job dir: {os.path.dirname(os.path.realpath(__file__))}")
     print(json.dumps(vars(args), indent=1, default=str))
     misc.seed_everything(args.seed)
+    if not args.eval:
+        find_resume_checkpoint(args, identity)  # another run in --output_dir is refused before anything is built
 
     dataset_train = build_finetune_dataset(True, args)
     dataset_val = build_finetune_dataset(False, args)
@@ -301,8 +326,6 @@ def setup(args, make_model=build_finetune_model, make_optimizer=build_optimizer)
     loaders = build_loaders(args, dataset_train, dataset_val)
     criterion, mixup_fn = build_criterion(args, num_classes)
 
-    if not args.eval and not args.resume:
-        find_resume_checkpoint(args)  # a requeued job continues from its own checkpoint.pth
     model = make_model(args, num_classes)
     model.to(args.device)
     model_without_ddp = model
@@ -317,20 +340,28 @@ def setup(args, make_model=build_finetune_model, make_optimizer=build_optimizer)
     max_accuracy = float(checkpoint.get("max_accuracy", 0.0)) if checkpoint else 0.0
     return dict(model=model, model_without_ddp=model_without_ddp, loaders=loaders, criterion=criterion,
                 mixup_fn=mixup_fn, optimizer=optimizer, loss_scaler=loss_scaler, num_classes=num_classes,
-                max_accuracy=max_accuracy)
+                max_accuracy=max_accuracy, identity=identity, checkpoint=checkpoint)
 
 
 def main(args, setup_fn=setup):
     """--eval: one evaluation pass; otherwise the training loop. setup_fn: main_linprobe.py's setup."""
-    run = setup_fn(args)
-    loader_val = run["loaders"][1]
+    identity = run_identity(args)  # the flags as given, before defaults and the lr are filled in
+    resolve_defaults(args)
+    misc.init_distributed_mode(args)
     if args.eval:
+        run = setup_fn(args, identity)
+        loader_val = run["loaders"][1]
         test_stats = evaluate(loader_val, run["model_without_ddp"], args.device, args.amp_dtype,
                               run["num_classes"], sharded=args.dist_eval)
         print_eval_accuracy(len(loader_val.dataset), test_stats)
         return test_stats
-    return train(args, run["model"], run["model_without_ddp"], run["loaders"], run["criterion"], run["mixup_fn"],
-                 run["optimizer"], run["loss_scaler"], run["num_classes"], run["max_accuracy"])
+    prepare_output_dir(args.output_dir)
+    prepare_output_dir(args.log_dir, "--log_dir")
+    with exclusive_output_dir(args.output_dir, enabled=misc.is_main_process()):
+        run = setup_fn(args, identity)
+        if run_is_finished(args):
+            return run["max_accuracy"]
+        return train(args, run)
 
 
 def run_cli(argv=None, parent_parser=None, prog="DAMA fine-tuning", main_fn=main) -> int:
@@ -339,10 +370,7 @@ def run_cli(argv=None, parent_parser=None, prog="DAMA fine-tuning", main_fn=main
     parent_parser (default: get_args_parser()), prog and main_fn: main_linprobe.py's.
     """
     parser = argparse.ArgumentParser(prog, parents=[parent_parser or get_args_parser()])
-    args = parser.parse_args(argv)
-    if args.output_dir:
-        os.makedirs(args.output_dir, exist_ok=True)
-    return run_tool(main_fn, args)
+    return run_tool(main_fn, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

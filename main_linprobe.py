@@ -62,10 +62,10 @@ def build_optimizer(args, model_without_ddp):
     return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
 
 
-def setup(args):
+def setup(args, identity: dict):
     """main_finetune.setup with the frozen model and the head-only optimiser."""
     check_args(args)
-    return main_finetune.setup(args, make_model=build_probe_model, make_optimizer=build_optimizer)
+    return main_finetune.setup(args, identity, make_model=build_probe_model, make_optimizer=build_optimizer)
 
 
 def main(args):

@@ -5,7 +5,6 @@
 import argparse
 import datetime
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -16,7 +15,8 @@ from torch.utils.tensorboard import SummaryWriter
 import models_dama
 import util.misc as misc
 from engine_pretrain import train_one_epoch
-from util.checkpoint import find_resume_checkpoint, resume, save_model
+from util.checkpoint import (add_resume_args, check_save_schedule, find_resume_checkpoint, resume, run_identity,
+                              run_is_finished, save_model)
 from util.cli import add_bool_flag, run_tool
 from util.datasets import build_pretrain_dataset
 from util.errors import ConfigError, DataError
@@ -24,6 +24,9 @@ from util.gpu_augment import GPUAugment, build_gpu_pretrain_dataset
 from util.knn import KnnMonitor, add_knn_args
 from util.lr_decay import param_groups_weight_decay
 from util.lr_sched import resolve_lr
+from util.output import exclusive_output_dir, prepare_output_dir
+from util.run_control import MidEpochCheckpoints, SaveSchedule, StopSignals
+from util.sampling import resumable_loader
 from util.visualize import write_training_figure
 
 
@@ -77,7 +80,8 @@ def get_args_parser():
     parser.add_argument("--data_path", default=None, type=str,
                         help="dataset folder: <data_path>/train/<class>/*.tif, or a flat folder of images")
     parser.add_argument("--synthetic_size", default=1024, type=int, help="number of synthetic images")
-    parser.add_argument("--num_workers", default=min(10, os.cpu_count() or 1), type=int)
+    parser.add_argument("--num_workers", default=misc.default_num_workers(), type=int,
+                        help="DataLoader worker processes per GPU (default: up to 10, at most the CPUs available)")
     add_bool_flag(parser, "pin_mem", True, help="pin CPU memory in the data loader (default on)")
     add_bool_flag(parser, "gpu_augment", False,
                        help="workers only decode and crop; resize, rotation, shift and flips run on the device "
@@ -96,6 +100,7 @@ def get_args_parser():
                         help="every N epochs write <output_dir>/vis/recon_epoch<epoch>.png and a TensorBoard "
                              "image of both students' masks and reconstructions (0: off)")
     parser.add_argument("--vis_num_images", default=4, type=int, help="images in each --vis_freq figure")
+    add_resume_args(parser)
     add_knn_args(parser)
     misc.add_distributed_args(parser)
     return parser
@@ -109,6 +114,7 @@ def resolve_defaults(args):
     for flag in ("batch_size", "epochs", "accum_iter", "save_freq", "print_freq", "vis_num_images"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    check_save_schedule(args)
 
 
 def build_model(args):
@@ -122,13 +128,10 @@ def build_model(args):
 
 
 def build_loader(dataset, args):
-    """Shuffled, drop-last loader; a DistributedSampler in every mode so that set_epoch reshuffles."""
-    sampler = torch.utils.data.DistributedSampler(
-        dataset, num_replicas=args.world_size, rank=args.rank, shuffle=True, seed=args.seed, drop_last=True)
-    loader = torch.utils.data.DataLoader(
-        dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
-        pin_memory=args.pin_mem and str(args.device).startswith("cuda"), drop_last=True,
-        persistent_workers=args.num_workers > 0)
+    """Shuffled, drop-last training loader whose order, augmentations and start step are reproducible
+    (util.sampling): set_epoch(epoch, start_step) continues an epoch where a mid-epoch checkpoint left it."""
+    loader = resumable_loader(dataset, args.batch_size, args.num_workers, args.seed, args.world_size, args.rank,
+                              pin_memory=args.pin_mem and str(args.device).startswith("cuda"), drop_last_sampler=True)
     if len(loader) == 0:
         raise DataError(f"the dataset has {len(dataset)} images, fewer than one batch per process "
                         f"(--batch_size {args.batch_size} x {args.world_size} processes)")
@@ -136,12 +139,21 @@ def build_loader(dataset, args):
 
 
 def main(args):
+    identity = run_identity(args)  # the flags as given, before defaults and the lr are filled in
     misc.init_distributed_mode(args)
     resolve_defaults(args)
+    prepare_output_dir(args.output_dir)
+    prepare_output_dir(args.log_dir, "--log_dir")
+    with exclusive_output_dir(args.output_dir, enabled=misc.is_main_process()):
+        train(args, identity)
+
+
+def train(args, identity: dict):
     print(f"job dir: {Path(__file__).resolve().parent}")
     print(json.dumps(vars(args), indent=1, default=str))
     device = torch.device(args.device)
     misc.seed_everything(args.seed)
+    find_resume_checkpoint(args, identity)  # another run in --output_dir is refused before anything is built
 
     model = build_model(args)  # config errors surface before any data is read
     dataset = build_gpu_pretrain_dataset(args) if args.gpu_augment else build_pretrain_dataset(args)
@@ -168,37 +180,47 @@ def main(args):
     param_groups = param_groups_weight_decay(model_without_ddp, args.weight_decay)
     optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
     loss_scaler = misc.LossScaler(args.amp_dtype, device.type)
-    find_resume_checkpoint(args)
-    resume(args, model_without_ddp, optimizer, loss_scaler)
+    checkpoint = resume(args, model_without_ddp, optimizer, loss_scaler)
+    if run_is_finished(args):
+        return
     train_model = torch.compile(model) if args.compile else model
 
+    def save(epoch, name=None, extra=None):
+        return save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, name=name, extra=extra, run=identity)
+
+    stop_signals = StopSignals().install()
+    checkpoints = MidEpochCheckpoints(
+        SaveSchedule(args.save_every_steps, args.save_every_minutes, stop_signals),
+        lambda epoch, step, state: save(epoch, extra={"step": step, "epoch_state": state}))
     log_writer = SummaryWriter(log_dir=args.log_dir) if misc.is_main_process() else None
-    print(f"Start training for {args.epochs} epochs from epoch {args.start_epoch}")
+    where = f"epoch {args.start_epoch}" + (f", step {args.start_step}" if args.start_step else "")
+    print(f"Start training for {args.epochs} epochs from {where}")
     start_time = time.time()
-    for epoch in range(args.start_epoch, args.epochs):
-        # Seeding per epoch makes a resumed run draw the same masks and augmentations as an uninterrupted one.
-        misc.seed_everything(args.seed + 10007 * epoch)
-        data_loader.sampler.set_epoch(epoch)
-        stats = train_one_epoch(train_model, data_loader, optimizer, device, epoch, loss_scaler, log_writer, args,
-                                batch_transform=batch_transform)
-        save_model(args, epoch, model_without_ddp, optimizer, loss_scaler)
-        if (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs:
-            save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, name=epoch)
-        if vis_dataset is not None and (epoch + 1) % args.vis_freq == 0:
-            write_training_figure(model_without_ddp, vis_dataset, epoch, log_writer, args)  # fixed images and masks
-        knn_stats = knn_monitor.log(epoch, model_without_ddp.student1, device, log_writer) if knn_monitor else {}
-        misc.append_json_log(args.output_dir,
-                             {**{f"train_{k}": v for k, v in stats.items()}, **knn_stats, "epoch": epoch})
+    try:
+        for epoch in range(args.start_epoch, args.epochs):
+            resumed_step = args.start_step if epoch == args.start_epoch else 0
+            data_loader.sampler.set_epoch(epoch, resumed_step)
+            stats = train_one_epoch(train_model, data_loader, optimizer, device, epoch, loss_scaler, log_writer, args,
+                                    batch_transform=batch_transform, checkpoints=checkpoints,
+                                    epoch_state=checkpoint.get("epoch_state") if resumed_step else None)
+            save(epoch)
+            if (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs:
+                save(epoch, name=epoch)
+            if vis_dataset is not None and (epoch + 1) % args.vis_freq == 0:
+                write_training_figure(model_without_ddp, vis_dataset, epoch, log_writer, args)  # fixed images, masks
+            knn_stats = knn_monitor.log(epoch, model_without_ddp.student1, device, log_writer) if knn_monitor else {}
+            misc.append_json_log(args.output_dir,
+                                 {**{f"train_{k}": v for k, v in stats.items()}, **knn_stats, "epoch": epoch})
+            if log_writer is not None:
+                log_writer.flush()
+    finally:
+        stop_signals.uninstall()
         if log_writer is not None:
-            log_writer.flush()
+            log_writer.close()
     total = datetime.timedelta(seconds=int(time.time() - start_time))
     print(f"Training time {total}")
-    if log_writer is not None:
-        log_writer.close()
 
 
 if __name__ == "__main__":
     args = argparse.ArgumentParser("DAMA pretraining", parents=[get_args_parser()]).parse_args()
-    if args.output_dir:
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     sys.exit(run_tool(main, args))  # exit codes: util/cli.py

@@ -216,6 +216,16 @@ def test_pretrain_accepts_a_flat_folder(make_image_folder, split):
     assert len(data) == 4 and data[3][0].shape == (3, 16, 16)
 
 
+def test_class_folders_win_over_loose_images_and_the_loose_ones_are_named(make_image_folder, write_image, capsys):
+    root = make_image_folder(classes=("a", "b"), n_per_class=2, size=40, splits=("train",))
+    write_image(root / "train" / "stray.tif", np.zeros((7, 40, 40), np.uint16))
+    data = build_pretrain_dataset(make_args(data_path=str(root)))
+    assert len(data) == 4 and data.classes == ["a", "b"]  # as torchvision's ImageFolder: the class folders
+    out = capsys.readouterr().out
+    assert "2 class folder(s) and 1 image(s) directly in it (e.g. stray.tif)" in out
+    assert "using the 4 images in the class folders and ignoring the 1 loose ones" in out
+
+
 def test_finetune_folder_datasets_share_train_class_indices(make_image_folder):
     root = make_image_folder(classes=("a", "b", "c"), n_per_class=2, size=50)
     args = make_args(data_path=str(root), img_size=32)

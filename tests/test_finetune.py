@@ -233,7 +233,7 @@ def test_non_finite_loss_stops_training():
     model = nn.Linear(3, 5)
     with torch.no_grad():
         model.bias.fill_(float("nan"))
-    args = Namespace(accum_iter=1, clip_grad=None, amp_dtype="none", lr=1e-3, min_lr=0.0, warmup_epochs=0,
+    args = Namespace(seed=0, accum_iter=1, clip_grad=None, amp_dtype="none", lr=1e-3, min_lr=0.0, warmup_epochs=0,
                      epochs=1)
     loader = [(torch.randn(4, 3), torch.randint(0, 5, (4,)))] * 3
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)

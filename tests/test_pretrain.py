@@ -1,18 +1,18 @@
 """main_pretrain.py end to end, as real subprocesses: synthetic and TIFF data, checkpoints, resume, bad input."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-# ViT-tiny at 32 px with 8 px patches: 16 patches, 3 visible per student, 1 shared; 4 steps per epoch.
+# ViT-tiny at 32 px with 8 px patches: 16 patches, 3 visible per student, 1 shared; 4 steps per epoch. A small
+# decoder: the reference's (512 x 8) makes every step several times slower and is exercised in test_models_dama.
 TINY = ["--arch", "main_vit_tiny", "--img_size", "32", "--patch_size", "8", "--batch_size", "8",
+        "--decoder_embed_dim", "32", "--decoder_depth", "1", "--decoder_num_heads", "2",
         "--num_workers", "0", "--device", "cpu", "--print_freq", "2"]
 SYNTHETIC = ["--dataset", "synthetic", "--synthetic_size", "32"]
 
@@ -37,7 +37,7 @@ def read_log(output_dir):
 
 def test_synthetic_pretraining_writes_checkpoints_and_log_and_the_loss_goes_down(tmp_path):
     out = tmp_path / "out"
-    result = run_pretrain(*SYNTHETIC, "--epochs", "3", "--warmup_epochs", "1", "--blr", "1e-3",
+    result = run_pretrain(*SYNTHETIC, "--epochs", "3", "--warmup_epochs", "1", "--lr", "1e-3",
                           "--save_freq", "2", "--output_dir", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     log = read_log(out)
@@ -54,40 +54,11 @@ def test_synthetic_pretraining_writes_checkpoints_and_log_and_the_loss_goes_down
     assert any(k.startswith("student2.") for k in ckpt["model"]) and any(k.startswith("head.") for k in ckpt["model"])
 
     # Asking for one more epoch resumes at epoch 3 instead of starting over.
-    result = run_pretrain(*SYNTHETIC, "--epochs", "4", "--warmup_epochs", "1", "--blr", "1e-3",
+    result = run_pretrain(*SYNTHETIC, "--epochs", "4", "--warmup_epochs", "1", "--lr", "1e-3",
                           "--output_dir", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Auto-resuming from" in result.stdout and "from epoch 3" in result.stdout
     assert [line["epoch"] for line in read_log(out)] == [0, 1, 2, 3]
-
-
-def test_interrupted_run_resumes_to_the_same_losses(tmp_path):
-    """Kill a run during epoch 2, resume it, and compare with a run that was never interrupted."""
-    flags = [*SYNTHETIC, "--epochs", "3", "--warmup_epochs", "1", "--blr", "1e-3", "--seed", "3"]
-    straight = tmp_path / "straight"
-    assert run_pretrain(*flags, "--output_dir", str(straight)).returncode == 0
-
-    interrupted = tmp_path / "interrupted"
-    proc = subprocess.Popen(pretrain_command(*flags, "--output_dir", str(interrupted)), cwd=REPO, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    log_file = interrupted / "log.txt"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if log_file.exists() and len(log_file.read_text().splitlines()) >= 2:
-            proc.send_signal(signal.SIGKILL)  # a preemption: no chance to clean up
-            break
-        time.sleep(0.05)
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be interrupted"
-    assert [line["epoch"] for line in read_log(interrupted)] == [0, 1]
-
-    result = run_pretrain(*flags, "--output_dir", str(interrupted))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "Resumed from" in result.stdout
-    resumed, reference = read_log(interrupted)[2], read_log(straight)[2]
-    assert resumed["epoch"] == reference["epoch"] == 2
-    for key in ("train_loss", "train_loss_recon1", "train_loss_recon2", "train_loss_info", "train_lr"):
-        assert resumed[key] == pytest.approx(reference[key], rel=1e-5), key
 
 
 @pytest.mark.parametrize("layout", ["channel_last", "channel_first"])
@@ -105,8 +76,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     out = tmp_path / "out"
     assert run_pretrain(*SYNTHETIC, "--epochs", "1", "--output_dir", str(out)).returncode == 0
     good = (out / "checkpoint.pth").read_bytes()
-    result = run_pretrain(*SYNTHETIC, "--epochs", "2", "--loss_alpha", "nan", "--output_dir", str(out))
+    # another --loss_alpha is another run: continuing this one with it needs an explicit --resume
+    result = run_pretrain(*SYNTHETIC, "--epochs", "2", "--loss_alpha", "nan", "--output_dir", str(out),
+                          "--resume", str(out / "checkpoint.pth"))
     assert result.returncode != 0
+    assert result.returncode == 3  # diverged: neither a crash (1) nor bad input (2)
     assert "non-finite loss at epoch 1" in result.stderr and "loss_info=nan" in result.stderr
     assert (out / "checkpoint.pth").read_bytes() == good
     assert len(read_log(out)) == 1

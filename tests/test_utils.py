@@ -393,3 +393,78 @@ def test_two_process_gloo_group():
         assert r["global_avg"] == pytest.approx(5 / 3)
     assert "| distributed init (rank 0/2): gloo" in outputs[0]
     assert "silenced on rank 1" in outputs[0] and "silenced on rank 1" not in outputs[1]
+
+
+# ------------------------------------------------------------------------------------------------
+# One accumulation rule for both engines; durable checkpoint names
+# ------------------------------------------------------------------------------------------------
+def test_accumulation_steps_on_every_group_and_weights_a_short_tail_by_its_size():
+    from util.misc import accumulation_step
+    # 7 steps with accum_iter 3: groups [0, 1, 2], [3, 4, 5] and the tail [6]
+    plan = [accumulation_step(step, 7, 3) for step in range(7)]
+    assert plan == [(3, False), (3, False), (3, True), (3, False), (3, False), (3, True), (1, True)]
+    assert [accumulation_step(step, 4, 1) for step in range(4)] == [(1, True)] * 4
+
+
+@pytest.mark.parametrize("engine", ["pretrain", "finetune"])
+def test_both_engines_step_on_the_tail_with_its_own_weight(engine):
+    """5 batches with --accum_iter 2: three optimizer steps, the last one from one batch at full weight."""
+    import engine_finetune
+    import engine_pretrain
+    from util.misc import LossScaler
+
+    steps, losses = [], []
+
+    class Recorder(torch.optim.SGD):
+        def step(self, closure=None):
+            steps.append(self.param_groups[0]["params"][0].grad.clone())
+            return super().step(closure)
+
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.ones(()))
+    batches = [(torch.full((2, 1), float(i + 1)), torch.zeros(2, dtype=torch.long)) for i in range(5)]
+    args = Namespace(seed=0, accum_iter=2, print_freq=1, amp_dtype="none", clip_grad=None, lr=0.1, min_lr=0.0,
+                     warmup_epochs=0, epochs=1, stable_epoch=0)
+    optimizer = Recorder([weight], lr=0.1)
+    if engine == "pretrain":
+        class Model(torch.nn.Module):
+            loss_terms = ("loss",)
+
+            def __init__(self):
+                super().__init__()
+                self.weight = weight
+
+            def forward(self, imgs, info_weight=1.0):
+                losses.append(imgs.mean().item())
+                return {"loss": self.weight * imgs.mean()}
+        engine_pretrain.train_one_epoch(Model(), batches, optimizer, torch.device("cpu"), 0, LossScaler(), None, args)
+    else:
+        class Classifier(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.weight = weight
+
+            def forward(self, imgs):
+                return self.weight * imgs.repeat(1, 2)  # [N, 2] logits
+
+        criterion = lambda logits, targets: logits.mean()  # noqa: E731  the gradient is the mean input value
+        engine_finetune.train_one_epoch(Classifier(), criterion, batches, optimizer, "cpu", 0, LossScaler(), args)
+    # d loss / d weight of batch i is its value i + 1: groups (1, 2), (3, 4), (5) averaged within each group
+    assert [g.item() for g in steps] == pytest.approx([1.5, 3.5, 5.0])
+
+
+def test_save_checkpoint_flushes_the_folder_after_the_rename(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    from util.checkpoint import save_checkpoint
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(stat.S_ISDIR(os.fstat(fd).st_mode))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    save_checkpoint(tmp_path / "c.pth", {"x": torch.ones(2)})
+    assert synced == [False, True]  # the file's data, then the folder entry that names it

@@ -2,12 +2,13 @@
 import argparse
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from util.errors import CheckpointError
+from util.errors import CheckpointError, ConfigError
 from util.misc import is_main_process
 
 ROLLING_CHECKPOINT = "checkpoint.pth"
@@ -58,6 +59,22 @@ def save_checkpoint(path, state: dict):
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
         raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder) -> None:
+    """Flush a folder's entries to disk: after a rename, a node crash could otherwise lose the new name (and with
+    it the new checkpoint) although the file's data was already written."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. a file system that cannot open folders: nothing more can be done
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def checkpoint_filename(name=None) -> str:
@@ -70,10 +87,13 @@ def checkpoint_filename(name=None) -> str:
     return name if name.endswith(".pth") else f"{name}.pth"
 
 
-def save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, name=None, extra=None):
-    """Write model, optimizer, scaler, epoch and args (plus `extra`) to <args.output_dir>/<checkpoint_filename(name)>.
+def save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, name=None, extra=None, run=None):
+    """Write model, optimizer, scaler, epoch, args and the run identity (`run`, see run_identity), plus `extra`, to
+    <args.output_dir>/<checkpoint_filename(name)>.
 
-    Only the main process writes (no barrier: the other ranks simply go on). Returns the file's path.
+    A mid-epoch checkpoint has extra = {"step": steps done in `epoch`, "epoch_state": the engine's partial epoch
+    totals}; an end-of-epoch one has no "step". Only the main process writes (no barrier: the other ranks simply
+    go on). Returns the file's path.
     """
     state = {
         "model": model_without_ddp.state_dict(),
@@ -81,12 +101,35 @@ def save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, name=None
         "scaler": loss_scaler.state_dict() if loss_scaler is not None else None,
         "epoch": int(epoch),
         "args": args_to_dict(args),
+        "run": to_plain(run) if run is not None else None,
     }
     # numpy scalars (e.g. an accuracy) would make the file need weights_only=False
     state.update({k: v.item() if isinstance(v, np.generic) else v for k, v in (extra or {}).items()})
     path = Path(args.output_dir) / checkpoint_filename(name)
     save_checkpoint(path, state)
     return path
+
+
+def add_resume_args(parser):
+    """Flags shared by the training scripts: mid-epoch checkpoints and what to do with an earlier run."""
+    parser.add_argument("--save_every_steps", default=0, type=int,
+                        help="also write checkpoint.pth every N training steps within an epoch (0: off; a multiple "
+                             "of --accum_iter)")
+    parser.add_argument("--save_every_minutes", default=0.0, type=float,
+                        help="also write checkpoint.pth when M minutes have passed since the last one (0: off)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a new run even if --output_dir holds one (the earlier run's files are moved "
+                             "into a sub-folder replaced_<time>/)")
+    return parser
+
+
+def check_save_schedule(args) -> None:
+    if args.save_every_steps < 0 or args.save_every_minutes < 0:
+        raise ConfigError(f"--save_every_steps and --save_every_minutes must be 0 (off) or positive, got "
+                          f"{args.save_every_steps} and {args.save_every_minutes}")
+    if args.save_every_steps % args.accum_iter:
+        raise ConfigError(f"--save_every_steps {args.save_every_steps} must be a multiple of --accum_iter "
+                          f"{args.accum_iter}: a checkpoint cannot hold half an accumulated gradient")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -106,12 +149,13 @@ def _short_reason(exc: Exception) -> str:
     return f"{type(exc).__name__}: {lines[0] if lines else ''}"
 
 
-def torch_load(path, map_location="cpu"):
+def torch_load(path, map_location="cpu", mmap=False):
     """torch.load(weights_only=True), with the argparse Namespace the reference code stored allowed (nothing else);
-    CheckpointError naming the file when it cannot be read (torch raises several types for truncated/foreign files)."""
+    CheckpointError naming the file when it cannot be read (torch raises several types for truncated/foreign files).
+    mmap=True maps the tensors instead of reading them: cheap when only the metadata is wanted."""
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:
         raise CheckpointError(f"could not read checkpoint {path}: {_short_reason(exc)}") from exc
 
@@ -134,19 +178,125 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     return checkpoint
 
 
-def find_resume_checkpoint(args):
-    """Without --resume, pick up <output_dir>/checkpoint.pth if it exists (a restarted or requeued job).
+# Settings that do not change what a run computes: a run may be continued with other values of these (more
+# --epochs, another machine, more GPUs with the lr following the effective batch, other logging, ...).
+RUNTIME_SETTINGS = frozenset({
+    "epochs", "start_epoch", "resume", "overwrite", "output_dir", "log_dir", "device", "num_workers", "pin_mem",
+    "world_size", "rank", "local_rank", "distributed", "dist_backend", "dist_url", "dist_on_itp", "gpu",
+    "amp_dtype", "compile", "print_freq", "save_freq", "save_every_steps", "save_every_minutes", "vis_freq",
+    "vis_num_images", "knn_freq", "knn_data_path", "knn_k", "knn_temperature", "knn_pool", "knn_val_crop", "eval",
+    "dist_eval", "start_step", "skip_bad_files",
+    # submitit launcher flags (util/launch.py)
+    "ngpus", "nodes", "timeout", "partition", "job_dir", "comment", "mem_per_gpu", "cpus_per_task", "constraint",
+    "use_volta32", "account", "qos", "exclude", "cluster", "slurm_max_num_timeout", "job_name", "dry_run", "detach",
+})
+PATH_SETTINGS = ("data_path", "finetune")  # compared as absolute paths
+# What a checkpoint written before run identities were stored is compared on.
+LEGACY_IDENTITY = ("arch", "img_size", "patch_size", "in_chans", "dataset", "data_path", "finetune")
 
-    Sets args.resume and returns it (None when there is nothing to resume).
+
+def run_identity(args) -> dict:
+    """The settings that define a run (model, data, recipe, seed), from the command's flags as given: every flag
+    but RUNTIME_SETTINGS, with paths made absolute. Computed before any default is filled in (--lr stays None when
+    it follows --blr), stored in every checkpoint as "run"."""
+    identity = {}
+    for key, value in sorted(vars(args).items()):
+        if key in RUNTIME_SETTINGS:
+            continue
+        if key in PATH_SETTINGS and value:
+            value = str(Path(value).expanduser().resolve())
+        identity[key] = to_plain(value)
+    return identity
+
+
+def saved_identity(checkpoint: dict) -> dict:
+    """The run identity stored in a checkpoint; for older checkpoints, the LEGACY_IDENTITY part of its args."""
+    if checkpoint.get("run"):
+        return checkpoint["run"]
+    saved_args = checkpoint.get("args") or {}
+    legacy = argparse.Namespace(**{k: saved_args[k] for k in LEGACY_IDENTITY if k in saved_args})
+    return run_identity(legacy)
+
+
+def identity_differences(saved: dict, current: dict) -> list:
+    """'--flag new (checkpoint: old)' for every setting both know and that differs."""
+    def shown(value):
+        return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+    return [f"--{key} {shown(current[key])} (checkpoint: {shown(saved[key])})"
+            for key in sorted(saved.keys() & current.keys()) if saved[key] != current[key]]
+
+
+def find_resume_checkpoint(args, identity: dict = None):
+    """Which checkpoint to resume from; sets and returns args.resume (None: start a new run).
+
+    --resume PATH: that file (settings that differ from its run are listed). Otherwise <output_dir>/checkpoint.pth
+    when it exists (a restarted or requeued job), but only when its run identity matches `identity`: another run
+    in the folder is a CheckpointError naming the differing settings and the ways out. --overwrite sets the folder's
+    earlier run aside (moved into a sub-folder, nothing deleted) and starts a new one.
     """
     if getattr(args, "resume", None):
+        if identity is not None:
+            differences = identity_differences(saved_identity(peek_checkpoint(args.resume)), identity)
+            if differences:
+                print(f"note: --resume {args.resume}: continuing with settings that differ from that run's: "
+                      f"{'; '.join(differences)}")
         return args.resume
     output_dir = getattr(args, "output_dir", None)
     candidate = Path(output_dir) / ROLLING_CHECKPOINT if output_dir else None
-    if candidate is not None and candidate.is_file():
-        args.resume = str(candidate)
-        print(f"Auto-resuming from {candidate}")
-    return getattr(args, "resume", None) or None
+    if candidate is None or not candidate.is_file():
+        return None
+    if getattr(args, "overwrite", False):
+        set_aside_previous_run(Path(output_dir))
+        return None
+    if identity is not None:
+        differences = identity_differences(saved_identity(peek_checkpoint(candidate)), identity)
+        if differences:
+            raise CheckpointError(
+                f"--output_dir {output_dir} holds another run ({candidate}): {'; '.join(differences)}. "
+                f"To continue that run with these settings pass --resume {candidate}; to start a new run use "
+                f"another --output_dir, or --overwrite (the earlier run is moved into a sub-folder)")
+    args.resume = str(candidate)
+    print(f"Auto-resuming from {candidate}")
+    return args.resume
+
+
+def peek_checkpoint(path) -> dict:
+    """A checkpoint's metadata (run, args, epoch, step) without reading its tensors (memory-mapped)."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    checkpoint = torch_load(path, mmap=True)
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path} is not a training checkpoint (expected a dict, found a "
+                              f"{type(checkpoint).__name__})")
+    args = checkpoint.get("args")
+    return {"run": checkpoint.get("run"), "args": vars(args) if isinstance(args, argparse.Namespace) else args,
+            "epoch": checkpoint.get("epoch"), "step": checkpoint.get("step")}
+
+
+SET_ASIDE_PREFIX = "replaced_"
+
+
+def set_aside_previous_run(output_dir: Path) -> Path:
+    """--overwrite: move everything of the earlier run in `output_dir` into output_dir/replaced_<time>/ (rank 0)."""
+    target = output_dir / f"{SET_ASIDE_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}"
+    if not is_main_process():
+        return target
+    target.mkdir()
+    for entry in sorted(output_dir.iterdir()):
+        if entry != target and not entry.name.startswith((SET_ASIDE_PREFIX, ".")):
+            entry.rename(target / entry.name)
+    print(f"--overwrite: the earlier run in {output_dir} was moved to {target}")
+    return target
+
+
+def run_is_finished(args) -> bool:
+    """True (and says so) when a resumed run has already trained its --epochs: nothing is trained again."""
+    if args.start_epoch < args.epochs or getattr(args, "start_step", 0):
+        return False
+    print(f"{args.resume} holds a run that already finished its {args.start_epoch} epochs (--epochs {args.epochs}): "
+          f"nothing to train. Pass a larger --epochs to continue it, --overwrite to start over in "
+          f"{args.output_dir}, or another --output_dir.")
+    return True
 
 
 def _first_keys(keys) -> str:
@@ -179,9 +329,12 @@ def load_model_strict(model, state_dict: dict, path):
 def resume(args, model_without_ddp, optimizer, loss_scaler) -> dict:
     """Restore model, and (unless args.eval) optimizer and loss scaler, from args.resume.
 
-    Sets args.start_epoch = saved epoch + 1. Returns the checkpoint dict (callers read extras such as
-    max_accuracy from it), or {} when args.resume is empty.
+    After an end-of-epoch checkpoint: args.start_epoch = saved epoch + 1, args.start_step = 0. After a mid-epoch
+    one: args.start_epoch = its epoch, args.start_step = the steps it had done (the engine continues with the next
+    batch; "epoch_state" in the returned dict finishes the epoch's statistics). Returns the checkpoint dict
+    (callers read extras such as max_accuracy from it), or {} when args.resume is empty.
     """
+    args.start_step = 0
     path = getattr(args, "resume", None)
     if not path:
         return {}
@@ -190,8 +343,11 @@ def resume(args, model_without_ddp, optimizer, loss_scaler) -> dict:
     if not getattr(args, "eval", False):
         _load_training_state(checkpoint, optimizer, loss_scaler, path)
     if "epoch" in checkpoint:
-        args.start_epoch = checkpoint["epoch"] + 1
-    print(f"Resumed from {path} (epoch {checkpoint.get('epoch', '?')})")
+        mid_epoch = checkpoint.get("step") is not None
+        args.start_epoch = checkpoint["epoch"] if mid_epoch else checkpoint["epoch"] + 1
+        args.start_step = int(checkpoint["step"]) if mid_epoch else 0
+    where = f"epoch {checkpoint.get('epoch', '?')}" + (f", after step {args.start_step}" if args.start_step else "")
+    print(f"Resumed from {path} ({where})")
     return checkpoint
 
 

@@ -5,11 +5,14 @@ Exit codes of all scripts:
     1  a crash (a bug or an environment failure): the full traceback is printed
     2  bad input (a flag, file, checkpoint or launch the project's own checks refused): one `error: ...` line
     3  training diverged (a NaN or infinite loss): one `error: ...` line; the last good checkpoint is kept
+    128 + N  stopped by signal N (SIGTERM, SIGUSR1, ... from SLURM or torchrun) after writing checkpoint.pth at
+       the current step: one `stopped: ...` line; the same command continues the run
 """
 import re
 import sys
 
 from util.errors import NonFiniteLossError, UserError
+from util.run_control import TrainingStopped
 
 EXIT_OK, EXIT_CRASH, EXIT_USER_ERROR, EXIT_DIVERGED = 0, 1, 2, 3
 
@@ -65,6 +68,9 @@ def run_tool(main, args) -> int:
     except NonFiniteLossError as exc:
         sys.stderr.write(f"error: {error_line(exc)}\n")
         return EXIT_DIVERGED
+    except TrainingStopped as stop:
+        sys.stderr.write(f"stopped: {stop}\n")
+        return 128 + stop.signum
     finally:
         cleanup_distributed()
     return EXIT_OK

@@ -105,16 +105,29 @@ def data_root(args) -> Path:
 
 
 def pretrain_samples(root: Path):
-    """(samples, classes) for pretraining: <root>/train if present, as class folders or as a flat folder."""
+    """(samples, classes) for pretraining: <root>/train if present, as class folders or as a flat folder.
+
+    A folder holding both class folders and loose images uses the class folders, as torchvision's ImageFolder
+    (and the reference code) does, and says how many loose images it leaves out.
+    """
     folder = root / "train" if (root / "train").is_dir() else root
     classes = class_folders(folder)
     flat_files = list_images(folder, recursive=False)
-    if flat_files or not classes:  # a flat folder of images (labels are unused in pretraining)
+    if not classes:  # a flat folder of images (labels are unused in pretraining)
         if not flat_files:
             raise no_images_error(folder)
         return [(path, 0) for path in flat_files], ["unlabelled"]
     samples = image_folder_samples(folder, classes)
+    note_ignored_loose_images(folder, flat_files, len(samples), len(classes))
     return samples, classes
+
+
+def note_ignored_loose_images(folder: Path, loose_files: list, used: int, num_classes: int) -> None:
+    """Say that images lying directly in a folder of class folders are not used (they have no class)."""
+    if loose_files:
+        print(f"note: {folder} holds {num_classes} class folder(s) and {len(loose_files)} image(s) directly in it "
+              f"(e.g. {loose_files[0].name}); using the {used} images in the class folders and ignoring the "
+              f"{len(loose_files)} loose ones")
 
 
 def finetune_samples(root: Path, is_train: bool):
@@ -131,6 +144,7 @@ def finetune_samples(root: Path, is_train: bool):
     samples = image_folder_samples(folder, classes)
     if not samples:
         raise no_images_error(folder)
+    note_ignored_loose_images(folder, list_images(folder, recursive=False), len(samples), len(classes))
     return samples, classes
 
 

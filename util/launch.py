@@ -12,6 +12,7 @@ import importlib
 import os
 import shlex
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import torch
 import util.misc as misc
 from util.checkpoint import ROLLING_CHECKPOINT
 from util.errors import LaunchError
+from util.run_control import TrainingStopped
 
 CLUSTERS = ("slurm", "local", "debug")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -208,6 +210,11 @@ class Trainer:
         add_new_flag_defaults(args, module.get_args_parser())
         try:
             return module.main(args)
+        except TrainingStopped:
+            # The run has written checkpoint.pth at the step where the preemption (or time-limit) signal reached
+            # it; now submitit's own handler requeues the job from rank 0 (calling self.checkpoint()) and exits.
+            requeue_after_stop()
+            return None
         finally:
             misc.cleanup_distributed()
 
@@ -231,7 +238,8 @@ class Trainer:
     def checkpoint(self, *args, **kwargs):
         """Called by submitit on preemption/timeout (rank 0): resubmit, resuming from the rolling checkpoint.
 
-        Training writes <output_dir>/checkpoint.pth after every epoch, so at most the current epoch is redone.
+        Training writes <output_dir>/checkpoint.pth at the step the signal reached it (and after every epoch), so
+        the requeued job continues with the next step.
         """
         checkpoint = Path(self.args.output_dir) / ROLLING_CHECKPOINT
         if checkpoint.is_file():
@@ -239,6 +247,15 @@ class Trainer:
         print(f"Requeuing job; it will resume from {self.args.resume or 'the start (no checkpoint yet)'}",
               flush=True)
         return submitit.helpers.DelayedSubmission(type(self)(self.args, self.main_module))
+
+
+def requeue_after_stop() -> None:
+    """Call the handler submitit installed for its preemption signal, as if the signal had just arrived: on rank 0
+    it checkpoints this Trainer (resuming from checkpoint.pth), requeues the job and exits; other ranks return."""
+    signum = submitit.JobEnvironment._usr_sig()
+    handler = signal.getsignal(signum)
+    if callable(handler):
+        handler(signum, None)
 
 
 def describe(args, executor_params: dict) -> str:

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import random
+import re
 import time
 from collections import defaultdict, deque
 from contextlib import nullcontext
@@ -51,7 +52,42 @@ def _launcher_env(args):
     if "RANK" in env and "WORLD_SIZE" in env:
         dist_url = getattr(args, "dist_url", None) or "env://"
         return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), dist_url
-    return None
+    return _slurm_step_env(env)
+
+
+def _slurm_step_env(env):
+    """A plain `srun python main_pretrain.py ...` (one task per GPU, no torchrun): the step's tasks form one job.
+
+    Only srun sets SLURM_STEP_NUM_TASKS; the batch script of a several-task job also sees SLURM_PROCID=0 and
+    SLURM_NTASKS, but runs alone (it is told so). The rendezvous is the step's first node, on a port derived
+    from the job id (MASTER_ADDR / MASTER_PORT win when set).
+    """
+    if "SLURM_PROCID" not in env or "SLURM_STEP_NUM_TASKS" not in env:
+        if int(env.get("SLURM_NTASKS", "1") or 1) > 1:
+            print(f"warning: this SLURM job has {env['SLURM_NTASKS']} tasks but this process was not started by "
+                  f"srun: it runs alone; start it as `srun python ...` to train on all of them", flush=True)
+        return None
+    world_size = int(env["SLURM_STEP_NUM_TASKS"])
+    if world_size < 2:
+        return None
+    rank, local_rank = int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0))
+    nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    master_addr = env.get("MASTER_ADDR") or first_slurm_host(nodes or "localhost")
+    master_port = env.get("MASTER_PORT") or str(
+        15000 + (int(env.get("SLURM_JOB_ID", 0)) + int(env.get("SLURM_STEP_ID", 0) or 0)) % 30000)
+    # later code (DataLoader workers, child processes) reads the torchrun names
+    env.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank), MASTER_ADDR=master_addr,
+               MASTER_PORT=master_port)
+    return rank, world_size, local_rank, "env://"
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: 'gpu[03-05,07],cpu1' -> 'gpu03', 'node7,node8' -> 'node7'."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not match:
+        raise LaunchError(f"cannot read the SLURM node list {nodelist!r}; set MASTER_ADDR")
+    prefix, ranges = match.group(1), match.group(2)
+    return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
 
 
 def _default_device():
@@ -124,6 +160,11 @@ def get_rank() -> int:
 
 def is_main_process() -> bool:
     return get_rank() == 0
+
+
+def default_num_workers() -> int:
+    """DataLoader workers per process by default: up to 10 (MAE's), never more than the CPUs this process may use."""
+    return min(10, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
 def seed_everything(seed: int) -> int:
@@ -274,11 +315,15 @@ class MetricLogger:
     def add_meter(self, name: str, meter: SmoothedValue):
         self.meters[name] = meter
 
-    def log_every(self, iterable, print_freq: int, header: str | None = None):
-        """Yield the items of `iterable`, printing progress every `print_freq` items and a total at the end."""
+    def log_every(self, iterable, print_freq: int, header: str | None = None, first: int = 0, total: int = None):
+        """Yield the items of `iterable`, printing progress every `print_freq` items and a total at the end.
+
+        first / total: a resumed epoch's first step and the full epoch's length, for the printed position.
+        """
         header = header or ""
         num_items = len(iterable)
-        width = len(str(num_items))
+        total = num_items if total is None else total
+        width = len(str(total))
         iter_time = SmoothedValue(fmt="{avg:.4f}")
         data_time = SmoothedValue(fmt="{avg:.4f}")
         start = end = time.time()
@@ -286,9 +331,9 @@ class MetricLogger:
             data_time.update(time.time() - end)
             yield obj
             iter_time.update(time.time() - end)
-            if i % print_freq == 0 or i == num_items - 1:
+            if (first + i) % print_freq == 0 or i == num_items - 1:
                 eta_seconds = iter_time.global_avg * (num_items - 1 - i)
-                parts = [header, f"[{i:>{width}}/{num_items}]",
+                parts = [header, f"[{first + i:>{width}}/{total}]",
                          f"eta: {datetime.timedelta(seconds=int(eta_seconds))}", str(self),
                          f"time: {iter_time}", f"data: {data_time}"]
                 if torch.cuda.is_available():
@@ -298,6 +343,68 @@ class MetricLogger:
         total = time.time() - start
         print(f"{header} Total time: {datetime.timedelta(seconds=int(total))} "
               f"({total / max(num_items, 1):.4f} s / it)")
+
+
+class LossWindow:
+    """Loss terms summed on the device between two synchronisation points, and their epoch totals on the host.
+
+    add() costs no host sync. sync() makes the one all-reduce (mean over ranks) and the one host read of a window,
+    with `extra` values (the run-control requests) appended to the same collective; it returns the window's means
+    (identical on every rank) and the reduced extras. The epoch totals are rank-averaged window sums; state() /
+    the `state` argument carry them through a mid-epoch checkpoint.
+    """
+
+    def __init__(self, terms, device, state: dict = None):
+        self.terms = tuple(terms)
+        self.device = device
+        self.window = torch.zeros(len(self.terms), device=device)  # [T] sums since the last sync
+        self.count = 0
+        state = state or {}
+        self.epoch_sums = list(state.get("sums", [0.0] * len(self.terms)))
+        self.epoch_steps = int(state.get("steps", 0))
+
+    def add(self, values) -> None:
+        """One step's loss terms (0-dim tensors, in the order of `terms`)."""
+        self.window += torch.stack([v.detach().float() for v in values])
+        self.count += 1
+
+    def sync(self, extra=()):
+        """(means {term: value}, reduced extras [floats]) of the window; starts a new window."""
+        extra = torch.tensor([float(v) for v in extra], device=self.device)
+        reduced = all_reduce_mean_list(torch.cat([self.window, extra]))
+        sums, extra_reduced = reduced[:len(self.terms)], reduced[len(self.terms):]
+        means = {term: value / max(self.count, 1) for term, value in zip(self.terms, sums)}
+        self.epoch_sums = [total + value for total, value in zip(self.epoch_sums, sums)]
+        self.epoch_steps += self.count
+        self.window.zero_()
+        self.count = 0
+        return means, extra_reduced
+
+    def epoch_means(self) -> dict:
+        return {term: total / max(self.epoch_steps, 1) for term, total in zip(self.terms, self.epoch_sums)}
+
+    def state(self) -> dict:
+        """The epoch totals so far (a synced window only), for a mid-epoch checkpoint."""
+        return {"sums": list(self.epoch_sums), "steps": self.epoch_steps}
+
+
+def loader_position(loader):
+    """(steps of a full epoch, first step of this pass) of a training loader: a util.sampling.ResumableSampler
+    knows both; any other loader runs whole epochs."""
+    sampler = getattr(loader, "sampler", None)  # any iterable of batches works too
+    return getattr(sampler, "steps_per_epoch", len(loader)), getattr(sampler, "start_step", 0)
+
+
+def accumulation_step(step: int, steps_per_epoch: int, accum_iter: int):
+    """(divisor, update) for training step `step` with gradient accumulation, one rule for both engines.
+
+    Steps are grouped by `accum_iter` from the epoch's start; the optimizer steps after the last step of each
+    group, and each loss is divided by its group's size, so a short last group (an epoch whose length is not a
+    multiple of accum_iter) gets the same weight per sample as the others instead of being dropped.
+    """
+    group_start = step - step % accum_iter
+    group_size = min(accum_iter, steps_per_epoch - group_start)
+    return group_size, step == group_start + group_size - 1
 
 
 def append_json_log(output_dir, stats: dict):
