@@ -329,7 +329,7 @@ def test_preempted_local_job_requeues_and_resumes_from_its_checkpoint(tmp_path, 
     monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
     job_dir = tmp_path / "job"
     args = submitit_pretrain.parse_args(["--cluster", "local", "--ngpus", "2", *TINY_PRETRAIN, "--synthetic_size",
-                                         "32", "--epochs", "3", "--job_dir", str(job_dir)])
+                                         "32", "--epochs", "3", "--print_freq", "1", "--job_dir", str(job_dir)])
     job = launch.submit(args, "main_pretrain")
     try:
         # epoch 0's checkpoint.pth is written before its log line
@@ -341,8 +341,12 @@ def test_preempted_local_job_requeues_and_resumes_from_its_checkpoint(tmp_path, 
             job.cancel()
     stdout = job.task(0).stdout()
     assert "Requeuing job; it will resume from " + str(job_dir / "checkpoint.pth") in stdout
-    starts = re.findall(r"Start training for 3 epochs from epoch (\d+)", stdout)
-    assert starts[0] == "0" and len(starts) == 2 and int(starts[1]) >= 1, starts  # resumed, not restarted
+    # both tasks stopped at the next step boundary, rank 0 wrote checkpoint.pth there, and the requeued job went on
+    # from that very step
+    ((stop_epoch, stop_step),) = re.findall(r"Wrote \S+ at epoch (\d+), after step (\d+) of \d+", stdout)
+    assert f"stopped by SIGUSR2 after step {stop_step} of epoch {stop_epoch}" in stdout
+    starts = re.findall(r"Start training for 3 epochs from epoch (\d+)(?:, step (\d+))?", stdout)
+    assert starts == [("0", ""), (stop_epoch, stop_step)] and int(stop_epoch) >= 1, starts
     assert "distributed init (rank 0/2): gloo" in stdout  # the submitit tasks formed one DDP group
     assert [line["epoch"] for line in log_lines(job_dir)] == [0, 1, 2]  # each epoch once
     assert load_checkpoint(job_dir / "checkpoint.pth")["epoch"] == 2

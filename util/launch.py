@@ -210,9 +210,11 @@ class Trainer:
         add_new_flag_defaults(args, module.get_args_parser())
         try:
             return module.main(args)
-        except TrainingStopped:
+        except TrainingStopped as stop:
             # The run has written checkpoint.pth at the step where the preemption (or time-limit) signal reached
             # it; now submitit's own handler requeues the job from rank 0 (calling self.checkpoint()) and exits.
+            sys.stdout.write(f"{stop}\n")
+            sys.stdout.flush()
             requeue_after_stop()
             return None
         finally:
