@@ -8,6 +8,7 @@ in names or order stops the run with both lists, unless --ignore_channel_names. 
 folder) can be named with --channel_names A,B,...; otherwise the check is skipped, and says so once.
 """
 import argparse
+import os
 
 from util.errors import CheckpointError, ConfigError
 
@@ -102,6 +103,8 @@ def read_checkpoint_description(path) -> tuple:
     from util.checkpoint import torch_load  # torch-heavy: only the training-side scripts call this
     from util.normalize import check_recipe
 
+    if not os.path.isfile(path):
+        return None, None  # the loader that needs the file reports it missing, naming its flag
     checkpoint = torch_load(path)
     if not isinstance(checkpoint, dict):
         return None, None
