@@ -10,6 +10,10 @@ visible. --pool cls: the class token after the final norm; --pool mean: the mean
 final norm. A model fine-tuned with global pooling has no final norm: mean gives fc_norm of the mean (its
 pre-logits), cls the raw class token.
 
+A prepared dataset (prepare_cells.py) gives every cell of both splits, with labels from its cells.csv (-1 where
+none) and paths '<slide>:<cell_id>'. The checkpoint's normalisation recipe is applied to raw folder data, and its
+channel names are compared with the data's (--channel_names, --ignore_channel_names).
+
 Output .npz: features float32 [N, D], labels int64 [N] (class index of the image's sub-folder, -1 for images
 directly in --data_path; the synthetic cell type), paths [N] str (file path, or 'synthetic:<index>'),
 classes [K] str, and pool, student, checkpoint. Load with np.load(path) (no pickle needed).

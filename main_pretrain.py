@@ -27,7 +27,7 @@ from util.knn import KnnMonitor, add_knn_args
 from util.lr_decay import param_groups_weight_decay
 from util.lr_sched import resolve_lr
 from util.normalize import add_normalize_args, check_percentiles, describe
-from util.packed import open_packed_dataset, prepared_layout
+from util.packed import describe_folder_dataset, open_packed_dataset, prepared_layout
 from util.transforms import TensorTransform
 from util.visualize import write_training_figure
 
@@ -140,7 +140,10 @@ def build_training_dataset(args):
     if args.normalize != "none":
         raise ConfigError(f"--normalize {args.normalize} is not applied by the --gpu_augment workers yet; leave out "
                           f"one of the two (or prepare the data with prepare_cells.py, which normalises it)")
-    return build_gpu_pretrain_dataset(args)
+    dataset = build_gpu_pretrain_dataset(args)
+    if dataset_kind(args) == "folder":  # names (and the recipe) of a folder prepared with --format tiff
+        describe_folder_dataset(dataset, data_root(args), args, estimate=False)
+    return dataset
 
 
 def record_data_description(args, dataset):

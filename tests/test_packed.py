@@ -168,6 +168,7 @@ def test_folder_percentile_normalisation_is_stored_and_applied_unchanged(tmp_pat
     extract = extract_features.get_args_parser().parse_args(
         ["--checkpoint", str(out / "checkpoint.pth"), "--data_path", str(other / "val"), "--device", "cpu",
          "--out", str(tmp_path / "f.npz"), "--val_crop", "32"])
-    dataset, _, _ = extract_features.feature_dataset(extract, extract_features.load_encoder(str(out / "checkpoint.pth"))[1])
+    geometry = extract_features.load_encoder(str(out / "checkpoint.pth"))[1]
+    dataset, _, _ = extract_features.feature_dataset(extract, geometry)
     np.testing.assert_array_equal(dataset.load(0).numpy(),
                                   apply_recipe(tifffile.imread(dataset.samples[0][0]), recipe) / np.float32(UINT16_MAX))

@@ -312,7 +312,7 @@ def small_inputs(tmp_path):
 
 def bad_case(name, paths, tmp_path):
     """(flags, expected text in the error line) of one kind of bad input."""
-    image, mask, table = str(paths["image"]), str(paths["mask"]), str(paths["table"])
+    image, table = str(paths["image"]), str(paths["table"])
     if name == "unknown_channel":
         return ["--image", image, "--cells", table, "--channels", "DAPI,GFAP"], "'GFAP' is not a channel of"
     if name == "mask_size":

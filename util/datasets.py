@@ -162,6 +162,7 @@ def build_pretrain_dataset(args) -> Dataset:
     folder: <data_path>/train (class folders or a flat folder of images) or, without train/, <data_path>
     itself; the first file is read and checked now, so that a wrong --in_chans or a too-small image
     fails before training starts. synthetic: `args.synthetic_size` SyntheticCells with `args.seed`.
+    A folder holding dataset.json (prepare_cells.py) is read as packed cells (util.packed: the train split).
     """
     transform = build_pretrain_transform(args.img_size)
     if dataset_kind(args) == "synthetic":
@@ -183,6 +184,7 @@ def build_finetune_dataset(is_train: bool, args) -> Dataset:
     `args.synthetic_size` images and val a quarter of that (at least one per class) from a different
     seed stream, so the two never share an image. Its val crop is min(val_crop, img_size), because a
     synthetic image is only img_size wide: at img_size < 48 validation sees the whole image.
+    Packed cells (a dataset.json folder): the train / val split and the labels of its cells.csv.
     """
     val_crop = int(getattr(args, "val_crop", None) or DEFAULT_VAL_CROP)
     if dataset_kind(args) == "synthetic":

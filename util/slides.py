@@ -85,7 +85,8 @@ class AxisArray:
                 continue
             if axis in select:
                 if not 0 <= select[axis] < shape[i]:
-                    raise DataError(f"{where}: --select {axis}={select[axis]} is outside axis {axis} of size {shape[i]}")
+                    raise DataError(f"{where}: --select {axis}={select[axis]} is outside axis {axis} of size "
+                                    f"{shape[i]}")
                 self.fixed[i] = select[axis]
             elif shape[i] == 1:
                 self.fixed[i] = 0
