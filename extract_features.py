@@ -10,6 +10,10 @@ visible. --pool cls: the class token after the final norm; --pool mean: the mean
 final norm. A model fine-tuned with global pooling has no final norm: mean gives fc_norm of the mean (its
 pre-logits), cls the raw class token.
 
+A prepared dataset (prepare_cells.py) gives every cell of both splits, with labels from its cells.csv (-1 where
+none) and paths '<slide>:<cell_id>'. The checkpoint's normalisation recipe is applied to raw folder data, and its
+channel names are compared with the data's (--channel_names, --ignore_channel_names).
+
 Output .npz: features float32 [N, D], labels int64 [N] (class index of the image's sub-folder, -1 for images
 directly in --data_path; the synthetic cell type), paths [N] str (file path, or 'synthetic:<index>'),
 classes [K] str, and pool, student, checkpoint. Load with np.load(path) (no pickle needed).
@@ -23,12 +27,14 @@ import torch
 
 import models_dama
 import models_vit
+from util.channels import add_channel_name_args, check_data_channels
 from util.cli import run_tool
 from util.convert import check_shapes, encoder_metadata, fit_pos_embed, read_encoder
 from util.datasets import (ImageFileDataset, checked, class_folders, data_root, dataset_kind, image_folder_samples,
                            list_images, no_images_error, synthetic_size)
 from util.errors import CheckpointError, ConfigError
 from util.features import POOLINGS, extract_features
+from util.packed import describe_folder_dataset, open_packed_dataset, prepared_layout
 from util.features import pool_tokens as pool_encoder_tokens
 from util.synthetic import SyntheticCells
 from util.transforms import DEFAULT_VAL_CROP, build_finetune_transform
@@ -58,6 +64,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_workers", default=4, type=int)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--print_freq", default=20, type=int, help="progress line every N batches")
+    add_channel_name_args(parser)
     return parser
 
 
@@ -126,10 +133,18 @@ def feature_dataset(args, geometry: dict):
         dataset = SyntheticCells(synthetic_size(args), img_size, in_chans, seed=args.seed, split=args.split,
                                  transform=transform)
         return dataset, [f"synthetic:{i}" for i in range(len(dataset))], dataset.classes
-    samples, classes = folder_samples(data_root(args))
+    root = data_root(args)
     transform = build_finetune_transform(False, img_size, args.val_crop)
-    dataset = checked(ImageFileDataset(samples, classes, in_chans, transform))
-    return dataset, [str(path) for path, _ in samples], classes
+    args.normalization, args.in_chans = geometry.get("normalization"), in_chans  # the checkpoint's recipe
+    if prepared_layout(root) == "packed":  # every cell, both splits; paths are '<slide>:<cell_id>'
+        dataset = open_packed_dataset(root, args, transform, split=None)
+        paths = [f"{slide}:{cell}" for slide, cell in zip(dataset.table["slide"].tolist(),
+                                                            dataset.table["cell_id"].tolist())]
+        return dataset, paths, dataset.classes
+    samples, classes = folder_samples(root)
+    dataset = describe_folder_dataset(ImageFileDataset(samples, classes, in_chans, transform), root, args,
+                                      estimate=False)
+    return checked(dataset), [str(path) for path, _ in samples], classes
 
 
 # --------------------------------------------------------------------------------------------------
@@ -142,6 +157,7 @@ def main(args) -> Path:
     model, geometry = load_encoder(args.checkpoint, args.student, args.img_size)
     model.to(device)
     dataset, paths, classes = feature_dataset(args, geometry)
+    check_data_channels(geometry.get("channel_names"), dataset, args, f"checkpoint {args.checkpoint}")
     print(f"Embedding {len(dataset)} images with the {geometry['arch']} encoder of {args.checkpoint} "
           f"(student {args.student}, {args.pool} pooling, {geometry['img_size']} px) on {device}")
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False,

@@ -23,6 +23,8 @@ import models_vit
 import util.lr_decay as lrd
 import util.misc as misc
 from engine_finetune import PRINT_FREQ, evaluate, train_one_epoch
+from util.channels import (add_channel_name_args, check_data_channels, data_channel_names,
+                           read_checkpoint_description)
 from util.checkpoint import (add_resume_args, check_save_schedule, find_resume_checkpoint, resume, run_identity,
                               run_is_finished, save_model)
 from util.cli import add_bool_flag, run_tool
@@ -30,6 +32,7 @@ from util.convert import load_pretrained_encoder
 from util.datasets import build_finetune_dataset
 from util.errors import ConfigError, DataError
 from util.lr_sched import resolve_lr
+from util.normalize import add_normalize_args, check_percentiles, describe, is_percentile
 from util.output import exclusive_output_dir, prepare_output_dir
 from util.run_control import MidEpochCheckpoints, SaveSchedule, StopSignals
 from util.sampling import resumable_loader
@@ -105,6 +108,8 @@ def add_data_args(parser):
     parser.add_argument("--num_workers", default=misc.default_num_workers(), type=int,
                         help="DataLoader worker processes per GPU (default: up to 10, at most the CPUs available)")
     add_bool_flag(parser, "pin_mem", True, help="pin CPU memory in the data loaders (default on)")
+    add_normalize_args(parser, what="the training files, unless the checkpoint carries a recipe (then that one)")
+    add_channel_name_args(parser)
 
 
 def get_args_parser():
@@ -131,6 +136,7 @@ def resolve_defaults(args):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     check_save_schedule(args)
+    check_percentiles(args.clip_percentiles)
 
 
 def mixup_active(args) -> bool:
@@ -160,6 +166,29 @@ class ShardSampler(torch.utils.data.Sampler):
 
     def __len__(self):
         return len(self.indices)
+
+
+def model_checkpoint(args) -> str:
+    """The checkpoint whose channel names and recipe the data must follow: --resume, else --finetune ('' if none)."""
+    return args.resume or args.finetune or ""
+
+
+def build_datasets(args):
+    """(train, val): a checkpoint's normalisation recipe is applied to raw folder data (never re-estimated), its
+    channel names are compared with the data's; both end up in args (and so in this run's checkpoints)."""
+    source = model_checkpoint(args)
+    model_names, model_recipe = read_checkpoint_description(source) if source else (None, None)
+    if is_percentile(model_recipe):
+        args.normalization = model_recipe
+    dataset_train = build_finetune_dataset(True, args)
+    args.normalization = getattr(dataset_train, "recipe", None)  # the val set gets the same recipe
+    dataset_val = build_finetune_dataset(False, args)
+    if source:
+        args.channel_names = check_data_channels(model_names, dataset_train, args, f"checkpoint {source}")
+    else:
+        args.channel_names = data_channel_names(dataset_train, args)
+    print(f"intensities: {describe(args.normalization)}")
+    return dataset_train, dataset_val
 
 
 def build_loaders(args, dataset_train, dataset_val):
@@ -319,8 +348,7 @@ def setup(args, identity: dict, make_model=build_finetune_model, make_optimizer=
     if not args.eval:
         find_resume_checkpoint(args, identity)  # another run in --output_dir is refused before anything is built
 
-    dataset_train = build_finetune_dataset(True, args)
-    dataset_val = build_finetune_dataset(False, args)
+    dataset_train, dataset_val = build_datasets(args)
     num_classes = check_num_classes(args, dataset_train, dataset_val)
     print(f"train: {len(dataset_train)} images, val: {len(dataset_val)} images, {num_classes} classes")
     loaders = build_loaders(args, dataset_train, dataset_val)

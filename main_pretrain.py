@@ -11,22 +11,27 @@ from pathlib import Path
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
+from torchvision.transforms import v2
 
 import models_dama
 import util.misc as misc
 from engine_pretrain import train_one_epoch
 from util.checkpoint import (add_resume_args, check_save_schedule, find_resume_checkpoint, resume, run_identity,
                               run_is_finished, save_model)
+from util.channels import add_channel_name_args, data_channel_names
 from util.cli import add_bool_flag, run_tool
-from util.datasets import build_pretrain_dataset
+from util.datasets import build_pretrain_dataset, data_root, dataset_kind
 from util.errors import ConfigError, DataError
 from util.gpu_augment import GPUAugment, build_gpu_pretrain_dataset
 from util.knn import KnnMonitor, add_knn_args
 from util.lr_decay import param_groups_weight_decay
 from util.lr_sched import resolve_lr
+from util.normalize import add_normalize_args, check_percentiles, describe
 from util.output import exclusive_output_dir, prepare_output_dir
+from util.packed import describe_folder_dataset, open_packed_dataset, prepared_layout
 from util.run_control import MidEpochCheckpoints, SaveSchedule, StopSignals
 from util.sampling import resumable_loader
+from util.transforms import TensorTransform
 from util.visualize import write_training_figure
 
 
@@ -86,6 +91,8 @@ def get_args_parser():
     add_bool_flag(parser, "gpu_augment", False,
                        help="workers only decode and crop; resize, rotation, shift and flips run on the device "
                             "per batch (for fast GPUs, where the CPU augmentation cannot keep up)")
+    add_normalize_args(parser)
+    add_channel_name_args(parser, check=False)
     # Run
     parser.add_argument("--output_dir", default="./output_dir", help="checkpoints and log.txt")
     parser.add_argument("--log_dir", default=None, help="TensorBoard folder (default: --output_dir)")
@@ -115,6 +122,7 @@ def resolve_defaults(args):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     check_save_schedule(args)
+    check_percentiles(args.clip_percentiles)
 
 
 def build_model(args):
@@ -125,6 +133,30 @@ def build_model(args):
         mask_ratio=args.mask_ratio, mask_overlap_ratio=args.mask_overlap_ratio, last_k_blocks=args.last_k_blocks,
         loss_beta=args.loss_beta, loss_alpha=args.loss_alpha, norm_pix_loss=args.norm_pix_loss,
         mask_sampling=args.mask_sampling, info_pairing=args.info_pairing, info_reduction=args.info_reduction)
+
+
+def build_training_dataset(args):
+    """The pretraining dataset; with --gpu_augment, items are S/2 crops for GPUAugment (a packed dataset gives them
+    through a crop-only transform)."""
+    if not args.gpu_augment:
+        return build_pretrain_dataset(args)
+    if dataset_kind(args) == "folder" and prepared_layout(data_root(args)) == "packed":
+        crop = args.img_size // 2
+        return open_packed_dataset(data_root(args), args, TensorTransform(v2.RandomCrop(crop), crop), split="train")
+    if args.normalize != "none":
+        raise ConfigError(f"--normalize {args.normalize} is not applied by the --gpu_augment workers yet; leave out "
+                          f"one of the two (or prepare the data with prepare_cells.py, which normalises it)")
+    dataset = build_gpu_pretrain_dataset(args)
+    if dataset_kind(args) == "folder":  # names (and the recipe) of a folder prepared with --format tiff
+        describe_folder_dataset(dataset, data_root(args), args, estimate=False)
+    return dataset
+
+
+def record_data_description(args, dataset):
+    """The data's channel names and normalisation recipe go into args, and so into every checkpoint."""
+    args.channel_names = data_channel_names(dataset, args)
+    args.normalization = getattr(dataset, "recipe", None)
+    print(f"channels: {args.channel_names or 'unnamed'}; intensities: {describe(args.normalization)}")
 
 
 def build_loader(dataset, args):
@@ -156,8 +188,9 @@ def train(args, identity: dict):
     find_resume_checkpoint(args, identity)  # another run in --output_dir is refused before anything is built
 
     model = build_model(args)  # config errors surface before any data is read
-    dataset = build_gpu_pretrain_dataset(args) if args.gpu_augment else build_pretrain_dataset(args)
+    dataset = build_training_dataset(args)
     print(f"dataset: {len(dataset)} images")
+    record_data_description(args, dataset)
     data_loader = build_loader(dataset, args)
     knn_monitor = KnnMonitor(args) if args.knn_freq > 0 else None  # labelled-data errors surface now
     model.to(device)

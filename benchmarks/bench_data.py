@@ -9,6 +9,10 @@ temporary folder (or reads --data_path), then measures, for each --img_size:
        pipeline 'gpu_augment_device', in images per second of the device);
   synthetic  the built-in synthetic cells (--dataset synthetic): drawing S x S cells, without augmentation
        (layout '-', no files), so that the quick start and the tests are not limited by it (about 1 ms each).
+  packed  prepared cells (prepare_cells.py) read from the memory-mapped cells.npy against the same crops as one
+       uint16 TIFF file each (layout 'packed' / 'tiff'), at each --packed_sizes side S: 'read' (the crop as float32
+       [C, S, S]), 'read_cpu_augment' (+ the pretraining augmentation at --img_size S) and 'read_gpu_crop' (+ the
+       S/2 crop the --gpu_augment workers cut); single process, one thread (one worker).
 
 each single-process with one thread (what one DataLoader worker does) and through a DataLoader with
 --num_workers workers. For scale: the reference's numpy/cv2 pipeline does about 230 img/s per core at
@@ -30,14 +34,16 @@ import numpy as np
 import tifffile
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's modules live in the repo root
 
 from benchmarks.common import emit, fmt  # noqa: E402
 from util.datasets import ImageFileDataset, list_images  # noqa: E402
+from util.packed import CELLS_CSV, DATASET_JSON, FORMAT_NAME, FORMAT_VERSION, PackedCells, PackedWriter  # noqa: E402
 from util.gpu_augment import CroppedImageFiles, GPUAugment, crop_size  # noqa: E402
 from util.synthetic import SyntheticCells  # noqa: E402
-from util.transforms import build_pretrain_transform  # noqa: E402
+from util.transforms import TensorTransform, build_pretrain_transform  # noqa: E402
 
 REFERENCE_IMG_PER_S_PER_CORE = {224: 230}  # the reference's numpy/cv2 pipeline (issue 6)
 TARGET_IMG_PER_S = {224: 3500, 128: 12000}  # issue 6's training targets (ViT-B at 224, ViT-T at 128)
@@ -168,6 +174,58 @@ def bench_files(paths, layout, img_size, args) -> list:
     return rows
 
 
+# --------------------------------------------------------------------------------------------------
+# Packed cells (prepare_cells.py's format) against one TIFF per crop
+# --------------------------------------------------------------------------------------------------
+def write_packed_and_tiffs(folder: Path, num_cells: int, size: int, channels: int, seed=0) -> list:
+    """The same random uint16 crops as a packed dataset in `folder` and as TIFF files in folder/tiff; returns the
+    TIFF paths."""
+    import json
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    writer = PackedWriter(folder, num_cells, channels, size)
+    paths = []
+    for i in range(num_cells):
+        crop = rng.integers(0, 65536, (channels, size, size), dtype=np.uint16)
+        writer.write(i, crop)
+        paths.append(write_tiffs_one(folder / "tiff" / f"cell_{i:05d}.tif", crop))
+    writer.close()
+    (folder / CELLS_CSV).write_text("index,slide,cell_id,x,y,crop_x,crop_y,area,label,split\n" + "".join(
+        f"{i},bench,{i},0,0,0,0,,,\n" for i in range(num_cells)))
+    (folder / DATASET_JSON).write_text(json.dumps(
+        {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "layout": "packed", "num_cells": num_cells,
+         "channel_names": [f"c{c}" for c in range(channels)], "crop_size": size, "classes": []}))
+    return paths
+
+
+def write_tiffs_one(path: Path, crop: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tifffile.imwrite(path, crop, photometric="minisblack")  # planar C x S x S, as prepare_cells.py --format tiff
+    return path
+
+
+def bench_packed(args, tmp: Path) -> list:
+    """img/s per worker reading crops from cells.npy vs from TIFF files, alone and with each augmentation's
+    worker side (rows: pipeline read / read_cpu_augment / read_gpu_crop, layout packed / tiff)."""
+    rows = []
+    for size in args.packed_sizes:
+        tiff_paths = write_packed_and_tiffs(tmp / f"packed_{size}", args.num_files, size, args.in_chans)
+        samples = [(path, 0) for path in tiff_paths]
+        views = {"read": None, "read_cpu_augment": build_pretrain_transform(size),
+                 "read_gpu_crop": v2.RandomCrop(crop_size(size))}
+        for pipeline, transform in views.items():
+            if pipeline == "read_gpu_crop":  # the --gpu_augment workers' own TIFF reader: only the crop becomes float
+                tiff = CroppedImageFiles(samples, ["unlabelled"], args.in_chans, size)
+            else:
+                tiff = ImageFileDataset(samples, ["unlabelled"], args.in_chans,
+                                        TensorTransform(transform or (lambda image: image), 0))
+            datasets = {"packed": PackedCells(tmp / f"packed_{size}", transform=transform), "tiff": tiff}
+            for layout, dataset in datasets.items():
+                rate = time_single_process(dataset, args.min_seconds)
+                rows.append(make_row(pipeline, layout, size, size, 0, rate))
+    return rows
+
+
 def markdown_table(rows) -> str:
     lines = ["| pipeline | layout | img | file | workers | img/s | img/s/worker | ms/img | workers for target |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -191,8 +249,10 @@ def get_args_parser():
     parser.add_argument("--compression", default=None, choices=[None, "zlib", "lzw"], help="TIFF compression")
     parser.add_argument("--data_path", default=None,
                         help="measure these image files instead of writing random ones (one 'layout': data_path)")
-    parser.add_argument("--pipelines", nargs="+", choices=[*FILE_PIPELINES, "synthetic"],
-                        default=[*FILE_PIPELINES, "synthetic"])
+    parser.add_argument("--pipelines", nargs="+", choices=[*FILE_PIPELINES, "synthetic", "packed"],
+                        default=[*FILE_PIPELINES, "synthetic", "packed"])
+    parser.add_argument("--packed_sizes", nargs="+", type=int, default=[64, 128],
+                        help="crop sides of the 'packed' rows (packed cells.npy vs one TIFF per crop)")
     parser.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="DataLoader workers for the loader rows (0: single-process rows only)")
     parser.add_argument("--batch_size", type=int, default=64)
@@ -236,6 +296,11 @@ def main(argv=None) -> int:
             row = make_row("synthetic", "-", img_size, img_size, 0, rate)
             rows.append(row)
             emit(row, args.out)
+    if "packed" in args.pipelines:
+        with tempfile.TemporaryDirectory(prefix="dama_bench_packed_") as tmp:
+            for row in bench_packed(args, Path(tmp)):
+                rows.append(row)
+                emit(row, args.out)
     if "gpu" in args.pipelines:
         for img_size in args.img_size:
             rate = time_gpu_augment(img_size, args.in_chans, args.augment_batch_size, device)

@@ -132,3 +132,18 @@ def test_bench_data_tiny_rows_for_both_pipelines_and_layouts(tmp_path):
     assert synthetic_row["layout"] == "-" and synthetic_row["img_per_s"] > 0
     assert "230 img/s per core at 224 px" in result.stdout and "| gpu | planar | 32 | 32 | 1 |" in result.stdout
     assert json_lines(out.read_text()) == rows
+
+
+def test_bench_data_packed_rows_against_tiff_files(capsys):
+    spec = importlib.util.spec_from_file_location("bench_data", REPO / "benchmarks" / "bench_data.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--pipelines", "packed", "--packed_sizes", "16", "32", "--num_files", "4", "--min_seconds", "0",
+                       "--device", "cpu"]) == 0
+    stdout = capsys.readouterr().out
+    rows = json_lines(stdout)
+    assert {(r["pipeline"], r["layout"], r["img_size"]) for r in rows} == {
+        (p, layout, s) for p in ("read", "read_cpu_augment", "read_gpu_crop") for layout in ("packed", "tiff")
+        for s in (16, 32)}
+    assert all(r["workers"] == 0 and r["img_per_s_per_worker"] > 0 for r in rows)
+    assert "| read | packed | 16 |" in stdout

@@ -58,8 +58,6 @@ def run_tool(main, args) -> int:
     Only the project's own errors (util.errors) become one line; anything else propagates with its traceback
     (Python then exits with 1).
     """
-    from util.misc import cleanup_distributed  # torch-heavy: not needed to parse flags
-
     try:
         main(args)
     except UserError as exc:
@@ -72,7 +70,11 @@ def run_tool(main, args) -> int:
         sys.stderr.write(f"stopped: {stop}\n")
         return 128 + stop.signum
     finally:
-        cleanup_distributed()
+        # only a script that loaded util.misc can have joined a process group; importing it here would load torch
+        # into tools that never need it (prepare_cells.py)
+        misc = sys.modules.get("util.misc")
+        if misc is not None:
+            misc.cleanup_distributed()
     return EXIT_OK
 
 

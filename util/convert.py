@@ -14,6 +14,7 @@ import torch
 
 from models_dama import ARCH_CONFIGS
 from models_vit import init_head, uses_fc_norm
+from util.channels import check_channel_names, checkpoint_description
 from util.checkpoint import save_checkpoint, torch_load
 from util.errors import CheckpointError, ConfigError
 from util.pos_embed import resample_pos_embed
@@ -196,9 +197,10 @@ def encoder_metadata(encoder: dict, checkpoint: dict, student: int, path: str = 
     if arch not in ARCH_CONFIGS:  # exported files, foreign checkpoints
         arch = infer_arch(embed_dim, depth)
     num_heads = ARCH_CONFIGS[arch]["num_heads"] if arch in ARCH_CONFIGS else None
+    channel_names, normalization = checkpoint_description(checkpoint)  # the data the encoder was trained on
     return dict(arch=arch, img_size=grid * patch_size, patch_size=patch_size, in_chans=in_chans,
                 embed_dim=embed_dim, depth=depth, num_heads=num_heads, student=student,
-                epoch=checkpoint.get("epoch"))
+                epoch=checkpoint.get("epoch"), channel_names=channel_names, normalization=normalization)
 
 
 TIMM_VIT_SIZES = {192: "tiny", 384: "small", 768: "base", 1024: "large"}  # embed_dim -> timm's ViT size name
@@ -216,11 +218,20 @@ def timm_pretrained_cfg(metadata: dict) -> dict:
                 interpolation="bicubic", num_classes=0, first_conv="patch_embed.proj", classifier="head")
 
 
-def export_encoder(ckpt_path: str, out_path: str, student: int = 1) -> dict:
+def export_encoder(ckpt_path: str, out_path: str, student: int = 1, channel_names=None,
+                   ignore_channel_names: bool = False) -> dict:
     """Write {'model': encoder state dict, 'pretrained_cfg': metadata, 'timm_pretrained_cfg': timm fields}
-    atomically; returns the metadata."""
+    atomically; returns the metadata. The metadata keeps the checkpoint's channel names and normalisation recipe;
+    `channel_names` (--channel_names) are checked against the checkpoint's, or name a checkpoint that has none."""
     encoder, checkpoint, _ = read_encoder(ckpt_path, student)
     metadata = encoder_metadata(encoder, checkpoint, student, ckpt_path)
+    if channel_names:
+        if len(channel_names) != metadata["in_chans"]:
+            raise ConfigError(f"--channel_names gives {len(channel_names)} names but the encoder of {ckpt_path} takes "
+                              f"{metadata['in_chans']} channels")
+        check_channel_names(metadata["channel_names"], channel_names, f"checkpoint {ckpt_path}", "--channel_names",
+                            ignore=ignore_channel_names)
+        metadata["channel_names"] = metadata["channel_names"] or list(channel_names)
     out_dir = os.path.dirname(out_path)
     if out_dir:  # a bare file name means the current directory
         os.makedirs(out_dir, exist_ok=True)

@@ -12,6 +12,8 @@ from torch.utils.data import Dataset
 
 from util.errors import DataError
 from util.io import IMAGE_EXTENSIONS, check_image, read_image
+from util.normalize import read_normalized
+from util.packed import describe_folder_dataset, open_packed_dataset, prepared_layout
 from util.synthetic import CELL_TYPES, SyntheticCells
 from util.transforms import (DEFAULT_VAL_CROP, TensorTransform, build_finetune_transform,
                              build_pretrain_transform)
@@ -27,7 +29,11 @@ class ImageFileDataset(Dataset):
     """Images on disk as a list of (path, label); every file is read and checked when loaded.
 
     __getitem__ -> (transform(image) [C, S, S] float32, label int). `.classes` lists the class names.
+    `normalization`: a percentile recipe (util/normalize.py) applied to the raw values when a file is read, or None
+    for dtype scaling; the builders set it and `channel_names` (util.packed.describe_folder_dataset).
     """
+    normalization = None
+    channel_names = None
 
     def __init__(self, samples, classes, in_chans: int, transform: TensorTransform):
         self.samples = list(samples)
@@ -41,7 +47,7 @@ class ImageFileDataset(Dataset):
     def load(self, index: int) -> torch.Tensor:
         """The checked, untransformed image [C, H, W] of sample `index`."""
         path, _ = self.samples[index]
-        image = read_image(path)
+        image = read_image(path) if self.normalization is None else read_normalized(path, self.normalization)
         check_image(image, path, self.in_chans, self.transform.min_side)
         return image
 
@@ -170,13 +176,18 @@ def build_pretrain_dataset(args) -> Dataset:
     folder: <data_path>/train (class folders or a flat folder of images) or, without train/, <data_path>
     itself; the first file is read and checked now, so that a wrong --in_chans or a too-small image
     fails before training starts. synthetic: `args.synthetic_size` SyntheticCells with `args.seed`.
+    A folder holding dataset.json (prepare_cells.py) is read as packed cells (util.packed: the train split).
     """
     transform = build_pretrain_transform(args.img_size)
     if dataset_kind(args) == "synthetic":
         return SyntheticCells(synthetic_size(args), args.img_size, args.in_chans, seed=args.seed,
                               split="train", transform=transform)
-    samples, classes = pretrain_samples(data_root(args))
-    return checked(ImageFileDataset(samples, classes, args.in_chans, transform))
+    root = data_root(args)
+    if prepared_layout(root) == "packed":  # prepare_cells.py's output: memory-mapped crops
+        return open_packed_dataset(root, args, transform, split="train")
+    samples, classes = pretrain_samples(root)
+    dataset = ImageFileDataset(samples, classes, args.in_chans, transform)
+    return checked(describe_folder_dataset(dataset, root, args, estimate=True))
 
 
 def build_finetune_dataset(is_train: bool, args) -> Dataset:
@@ -187,6 +198,7 @@ def build_finetune_dataset(is_train: bool, args) -> Dataset:
     `args.synthetic_size` images and val a quarter of that (at least one per class) from a different
     seed stream, so the two never share an image. Its val crop is min(val_crop, img_size), because a
     synthetic image is only img_size wide: at img_size < 48 validation sees the whole image.
+    Packed cells (a dataset.json folder): the train / val split and the labels of its cells.csv.
     """
     val_crop = int(getattr(args, "val_crop", None) or DEFAULT_VAL_CROP)
     if dataset_kind(args) == "synthetic":
@@ -195,8 +207,13 @@ def build_finetune_dataset(is_train: bool, args) -> Dataset:
         return SyntheticCells(size, args.img_size, args.in_chans, seed=args.seed,
                               split="train" if is_train else "val", transform=transform)
     transform = build_finetune_transform(is_train, args.img_size, val_crop)
-    samples, classes = finetune_samples(data_root(args), is_train)
-    return checked(ImageFileDataset(samples, classes, args.in_chans, transform))
+    root = data_root(args)
+    if prepared_layout(root) == "packed":  # prepare_cells.py's output: split and labels from cells.csv
+        return open_packed_dataset(root, args, transform, split="train" if is_train else "val", require_split=True,
+                                   require_labels=True)
+    samples, classes = finetune_samples(root, is_train)
+    dataset = ImageFileDataset(samples, classes, args.in_chans, transform)
+    return checked(describe_folder_dataset(dataset, root, args, estimate=is_train))
 
 
 def checked(dataset: ImageFileDataset) -> ImageFileDataset:

@@ -78,8 +78,10 @@ def knn_dataset_args(args) -> argparse.Namespace:
                                   in_chans=args.in_chans, synthetic_size=args.synthetic_size, seed=args.seed,
                                   val_crop=args.knn_val_crop)
     path = args.knn_data_path or args.data_path
+    # the pretraining data's recipe is applied to raw folder data, and its channel names describe it
     return argparse.Namespace(dataset="folder", data_path=path, img_size=args.img_size, in_chans=args.in_chans,
-                              val_crop=args.knn_val_crop)
+                              val_crop=args.knn_val_crop, normalization=getattr(args, "normalization", None),
+                              channel_names=getattr(args, "channel_names", None))
 
 
 def build_knn_datasets(args):
