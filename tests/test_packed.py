@@ -14,10 +14,11 @@ import main_finetune
 import main_pretrain
 import prepare_cells
 from util.channels import check_channel_names
-from util.checkpoint import load_checkpoint
+from util.checkpoint import load_checkpoint, run_identity
 from util.convert import export_encoder
 from util.datasets import build_finetune_dataset, build_pretrain_dataset
 from util.errors import CheckpointError, DataError
+from util.misc import init_distributed_mode
 from util.normalize import UINT16_MAX, apply_recipe
 from util.packed import PackedCells, read_dataset_info
 from util.synthetic import MARKERS
@@ -89,7 +90,11 @@ def test_channel_names_and_recipe_travel_from_pretraining_to_every_consumer(demo
     def finetune(data, *extra):
         flags = [*TINY, "--val_crop", "32", "--data_path", str(data), "--finetune", str(out / "checkpoint.pth"),
                  "--output_dir", str(tmp_path / "ft"), *extra]
-        return main_finetune.setup(main_finetune.get_args_parser().parse_args(flags))
+        args = main_finetune.get_args_parser().parse_args(flags)
+        identity = run_identity(args)  # what main_finetune.main does before setup
+        main_finetune.resolve_defaults(args)
+        init_distributed_mode(args)
+        return main_finetune.setup(args, identity)
 
     run = finetune(demo["packed"])
     assert run["num_classes"] == len(info["classes"])
