@@ -96,6 +96,9 @@ def add_data_args(parser):
     parser.add_argument("--synthetic_size", default=DEFAULT_SYNTHETIC_SIZE, type=int,
                         help="training images of --dataset synthetic")
     parser.add_argument("--val_crop", default=48, type=int, help="centre crop of validation images before resize")
+    add_bool_flag(parser, "skip_bad_files", False,
+                  help="leave out the files the header check before training finds bad (unreadable, wrong "
+                       "channel count, too small) and record how many in log.txt, instead of stopping")
     parser.add_argument("--num_workers", default=10, type=int)
     add_bool_flag(parser, "pin_mem", True, help="pin CPU memory in the data loaders (default on)")
 
@@ -274,7 +277,10 @@ def train(args, model, model_without_ddp, loaders, criterion, mixup_fn, optimize
         print(f"Max accuracy: {max_accuracy:.2f}%")
         save_epoch_checkpoints(args, epoch, model_without_ddp, optimizer, loss_scaler, max_accuracy, improved)
         log_test_scalars(log_writer, test_stats, epoch)
-        misc.append_json_log(args.output_dir, epoch_log_line(epoch, train_stats, test_stats, n_parameters))
+        line = epoch_log_line(epoch, train_stats, test_stats, n_parameters)
+        if getattr(args, "skip_bad_files", False) and epoch == args.start_epoch:
+            line["skipped_bad_files"] = args.skipped_bad_files
+        misc.append_json_log(args.output_dir, line)
     misc.append_json_log(args.output_dir, {"max_accuracy": max_accuracy})
     if log_writer is not None:
         log_writer.close()
@@ -297,6 +303,8 @@ def setup(args, make_model=build_finetune_model, make_optimizer=build_optimizer)
     dataset_train = build_finetune_dataset(True, args)
     dataset_val = build_finetune_dataset(False, args)
     num_classes = check_num_classes(args, dataset_train, dataset_val)
+    # --skip_bad_files: how many the header check left out, logged in this run's first log.txt line
+    args.skipped_bad_files = sum(getattr(d, "skipped_bad_files", 0) for d in (dataset_train, dataset_val))
     print(f"train: {len(dataset_train)} images, val: {len(dataset_val)} images, {num_classes} classes")
     loaders = build_loaders(args, dataset_train, dataset_val)
     criterion, mixup_fn = build_criterion(args, num_classes)

@@ -77,6 +77,9 @@ def get_args_parser():
     parser.add_argument("--data_path", default=None, type=str,
                         help="dataset folder: <data_path>/train/<class>/*.tif, or a flat folder of images")
     parser.add_argument("--synthetic_size", default=1024, type=int, help="number of synthetic images")
+    add_bool_flag(parser, "skip_bad_files", False,
+                  help="leave out the files the header check before training finds bad (unreadable, wrong "
+                       "channel count, too small) and record how many in log.txt, instead of stopping")
     parser.add_argument("--num_workers", default=min(10, os.cpu_count() or 1), type=int)
     add_bool_flag(parser, "pin_mem", True, help="pin CPU memory in the data loader (default on)")
     add_bool_flag(parser, "gpu_augment", False,
@@ -145,7 +148,8 @@ def main(args):
 
     model = build_model(args)  # config errors surface before any data is read
     dataset = build_gpu_pretrain_dataset(args) if args.gpu_augment else build_pretrain_dataset(args)
-    print(f"dataset: {len(dataset)} images")
+    skipped = getattr(dataset, "skipped_bad_files", 0)  # --skip_bad_files: logged in this run's first log.txt line
+    print(f"dataset: {len(dataset)} images" + (f" ({skipped} bad files left out)" if skipped else ""))
     data_loader = build_loader(dataset, args)
     knn_monitor = KnnMonitor(args) if args.knn_freq > 0 else None  # labelled-data errors surface now
     model.to(device)
@@ -187,8 +191,9 @@ def main(args):
         if vis_dataset is not None and (epoch + 1) % args.vis_freq == 0:
             write_training_figure(model_without_ddp, vis_dataset, epoch, log_writer, args)  # fixed images and masks
         knn_stats = knn_monitor.log(epoch, model_without_ddp.student1, device, log_writer) if knn_monitor else {}
-        misc.append_json_log(args.output_dir,
-                             {**{f"train_{k}": v for k, v in stats.items()}, **knn_stats, "epoch": epoch})
+        first_line = {"skipped_bad_files": skipped} if args.skip_bad_files and epoch == args.start_epoch else {}
+        misc.append_json_log(args.output_dir, {**{f"train_{k}": v for k, v in stats.items()}, **knn_stats,
+                                               **first_line, "epoch": epoch})
         if log_writer is not None:
             log_writer.flush()
     total = datetime.timedelta(seconds=int(time.time() - start_time))

@@ -2,7 +2,8 @@
 
 Everything returns float32 tensors laid out [C, H, W]. Bad input raises `DataError`, whose message names the file,
 folder or flag at fault and what was expected. Reading one file is util.io, the augmentation util.transforms, the
-built-in synthetic cells util.synthetic.
+built-in synthetic cells util.synthetic, listing folders and checking every file's header util.filelist (cached in
+<output_dir>/data_index).
 """
 import os
 from pathlib import Path
@@ -10,7 +11,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from util import filelist
 from util.errors import DataError
+from util.filelist import FileList
 from util.io import IMAGE_EXTENSIONS, check_image, read_image
 from util.synthetic import CELL_TYPES, SyntheticCells
 from util.transforms import (DEFAULT_VAL_CROP, TensorTransform, build_finetune_transform,
@@ -24,13 +27,15 @@ DEFAULT_SYNTHETIC_SIZE = 1000
 # --------------------------------------------------------------------------------------------------
 
 class ImageFileDataset(Dataset):
-    """Images on disk as a list of (path, label); every file is read and checked when loaded.
+    """Images on disk as a util.filelist.FileList (or a list of (path, label), converted to one); every file is
+    read and checked when loaded.
 
-    __getitem__ -> (transform(image) [C, S, S] float32, label int). `.classes` lists the class names.
+    __getitem__ -> (transform(image) [C, S, S] float32, label int). `.classes` lists the class names;
+    `.samples[i]` is (path, label).
     """
 
     def __init__(self, samples, classes, in_chans: int, transform: TensorTransform):
-        self.samples = list(samples)
+        self.samples = samples if isinstance(samples, FileList) else FileList.from_samples(samples, classes)
         self.classes = list(classes)
         self.in_chans = in_chans
         self.transform = transform
@@ -51,7 +56,7 @@ class ImageFileDataset(Dataset):
 
 def is_image_file(path: Path) -> bool:
     """An accepted extension (any case), and not a hidden file such as macOS '._x.tif' metadata."""
-    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+    return filelist.is_image_name(path.name) and path.is_file()
 
 
 def list_images(folder: Path, recursive: bool) -> list:
@@ -67,21 +72,12 @@ def list_images(folder: Path, recursive: bool) -> list:
 
 def class_folders(folder: Path) -> list:
     """Sorted names of the non-hidden sub-folders of `folder` (the ImageFolder classes)."""
-    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return filelist.class_folder_names(folder)
 
 
 def image_folder_samples(folder: Path, classes: list) -> list:
     """[(path, class index)] for the layout <folder>/<class>/**/<image>; every class folder present must hold images."""
-    samples = []
-    for name in class_folders(folder):
-        if name not in classes:
-            raise DataError(f"{folder / name}: class folder {name!r} is not one of the training classes {classes}")
-        files = list_images(folder / name, recursive=True)
-        if not files:
-            raise DataError(f"{folder / name}: class folder holds no images; expected files ending in "
-                            f"{', '.join(IMAGE_EXTENSIONS)}")
-        samples.extend((path, classes.index(name)) for path in files)
-    return samples
+    return list(filelist.list_folder(folder, classes))
 
 
 def no_images_error(folder: Path) -> DataError:
@@ -104,21 +100,21 @@ def data_root(args) -> Path:
     return root
 
 
-def pretrain_samples(root: Path):
-    """(samples, classes) for pretraining: <root>/train if present, as class folders or as a flat folder."""
+def pretrain_samples(root: Path, cache_dir=None):
+    """(samples FileList, classes) for pretraining: <root>/train if present, as class folders or as a flat
+    folder; listed through the index in `cache_dir` when given (util.filelist)."""
     folder = root / "train" if (root / "train").is_dir() else root
     classes = class_folders(folder)
-    flat_files = list_images(folder, recursive=False)
-    if flat_files or not classes:  # a flat folder of images (labels are unused in pretraining)
-        if not flat_files:
+    if filelist.has_images(folder) or not classes:  # a flat folder of images (labels are unused in pretraining)
+        files = filelist.list_folder(folder, None, cache_dir)
+        if not len(files):
             raise no_images_error(folder)
-        return [(path, 0) for path in flat_files], ["unlabelled"]
-    samples = image_folder_samples(folder, classes)
-    return samples, classes
+        return files, ["unlabelled"]
+    return filelist.list_folder(folder, classes, cache_dir), classes
 
 
-def finetune_samples(root: Path, is_train: bool):
-    """(samples, classes) of <root>/train or <root>/val in ImageFolder layout.
+def finetune_samples(root: Path, is_train: bool, cache_dir=None):
+    """(samples FileList, classes) of <root>/train or <root>/val in ImageFolder layout.
 
     Validation labels follow the class list of <root>/train when it exists, so that a class missing from
     val/ does not shift the indices of the others.
@@ -128,10 +124,32 @@ def finetune_samples(root: Path, is_train: bool):
     require_folder(folder, f"the {split} folder (expected ImageFolder layout <data_path>/{split}/<class>/<image>)")
     train_folder = root / "train"
     classes = class_folders(train_folder) if train_folder.is_dir() else class_folders(folder)
-    samples = image_folder_samples(folder, classes)
-    if not samples:
+    samples = filelist.list_folder(folder, classes, cache_dir)
+    if not len(samples):
         raise no_images_error(folder)
     return samples, classes
+
+
+def index_dir(args):
+    """<output_dir>/data_index, where the folder listings and headers are cached; None without --output_dir."""
+    output_dir = getattr(args, "output_dir", None)
+    return Path(output_dir) / "data_index" if output_dir else None
+
+
+def check_folder_files(files: FileList, args, min_side: int, rgb: bool = False):
+    """(files, headers, skipped count): util.filelist.check_files with the run's --in_chans and
+    --skip_bad_files: every bad file is reported before training, or left out."""
+    files, headers, (skipped, _) = filelist.check_files(files, args.in_chans, min_side, rgb=rgb,
+                                                        skip_bad=bool(getattr(args, "skip_bad_files", False)))
+    return files, headers, skipped
+
+
+def checked_folder_dataset(files: FileList, classes, args, transform: TensorTransform) -> ImageFileDataset:
+    """ImageFileDataset over the files that pass the header check (`.skipped_bad_files`: how many did not)."""
+    files, _, skipped = check_folder_files(files, args, transform.min_side)
+    dataset = checked(ImageFileDataset(files, classes, args.in_chans, transform))
+    dataset.skipped_bad_files = skipped
+    return dataset
 
 
 # --------------------------------------------------------------------------------------------------
@@ -161,8 +179,8 @@ def build_pretrain_dataset(args) -> Dataset:
     if dataset_kind(args) == "synthetic":
         return SyntheticCells(synthetic_size(args), args.img_size, args.in_chans, seed=args.seed,
                               split="train", transform=transform)
-    samples, classes = pretrain_samples(data_root(args))
-    return checked(ImageFileDataset(samples, classes, args.in_chans, transform))
+    samples, classes = pretrain_samples(data_root(args), index_dir(args))
+    return checked_folder_dataset(samples, classes, args, transform)
 
 
 def build_finetune_dataset(is_train: bool, args) -> Dataset:
@@ -181,8 +199,8 @@ def build_finetune_dataset(is_train: bool, args) -> Dataset:
         return SyntheticCells(size, args.img_size, args.in_chans, seed=args.seed,
                               split="train" if is_train else "val", transform=transform)
     transform = build_finetune_transform(is_train, args.img_size, val_crop)
-    samples, classes = finetune_samples(data_root(args), is_train)
-    return checked(ImageFileDataset(samples, classes, args.in_chans, transform))
+    samples, classes = finetune_samples(data_root(args), is_train, index_dir(args))
+    return checked_folder_dataset(samples, classes, args, transform)
 
 
 def checked(dataset: ImageFileDataset) -> ImageFileDataset:
