@@ -28,6 +28,7 @@ from util.cli import add_bool_flag, run_tool
 from util.convert import load_pretrained_encoder
 from util.datasets import build_finetune_dataset
 from util.errors import ConfigError, DataError
+from util.imagenet import DEFAULT_IN_CHANS, add_finetune_augment_args, add_recipe_arg, resolve_recipe
 from util.lr_sched import resolve_lr
 
 # big enough that ViT-T learns the synthetic cell types in a few CPU epochs, small enough to take minutes
@@ -39,7 +40,8 @@ def add_model_args(parser):
                         help="encoder size; the same name as the pretraining run")
     parser.add_argument("--img_size", default=128, type=int, help="fine-tuning image size (pos_embed is resampled)")
     parser.add_argument("--patch_size", default=16, type=int)
-    parser.add_argument("--in_chans", default=7, type=int, help="image channels (7 for the brain-cell TIFFs)")
+    parser.add_argument("--in_chans", default=DEFAULT_IN_CHANS, type=int,
+                        help="image channels (default: 7, the brain-cell TIFFs; 3 with --recipe imagenet)")
     parser.add_argument("--num_classes", default=None, type=int,
                         help="number of classes (default: the number of class folders found)")
     parser.add_argument("--drop_path", default=0.1, type=float, help="stochastic depth rate")
@@ -73,6 +75,7 @@ def add_augmentation_args(parser):
     parser.add_argument("--mixup_prob", default=1.0, type=float, help="probability of mixup or cutmix per batch")
     parser.add_argument("--mixup_switch_prob", default=0.5, type=float, help="probability of cutmix over mixup")
     parser.add_argument("--mixup_mode", default="batch", choices=("batch", "pair", "elem"))
+    add_finetune_augment_args(parser)
 
 
 def add_checkpoint_args(parser):
@@ -96,6 +99,7 @@ def add_data_args(parser):
     parser.add_argument("--synthetic_size", default=DEFAULT_SYNTHETIC_SIZE, type=int,
                         help="training images of --dataset synthetic")
     parser.add_argument("--val_crop", default=48, type=int, help="centre crop of validation images before resize")
+    add_recipe_arg(parser)
     add_bool_flag(parser, "skip_bad_files", False,
                   help="leave out the files the header check before training finds bad (unreadable, wrong "
                        "channel count, too small) and record how many in log.txt, instead of stopping")
@@ -125,6 +129,7 @@ def resolve_defaults(args):
         args.log_dir = args.output_dir
     if args.accum_iter < 1:
         raise ConfigError(f"--accum_iter must be >= 1, got {args.accum_iter}")
+    resolve_recipe(args)  # --in_chans default, args.mean / args.std (stored in the checkpoint's args)
 
 
 def mixup_active(args) -> bool:

@@ -21,6 +21,8 @@ from util.cli import add_bool_flag, run_tool
 from util.datasets import build_pretrain_dataset
 from util.errors import ConfigError, DataError
 from util.gpu_augment import GPUAugment, build_gpu_pretrain_dataset
+from util.imagenet import (DEFAULT_IN_CHANS, DeviceDecode, add_recipe_arg, build_encoded_pretrain_dataset,
+                           resolve_recipe)
 from util.knn import KnnMonitor, add_knn_args
 from util.lr_decay import param_groups_weight_decay
 from util.lr_sched import resolve_lr
@@ -34,7 +36,8 @@ def get_args_parser():
                         help=f"model name, one of {sorted(models_dama.ARCH_CONFIGS)} (mae_*: the MAE baseline)")
     parser.add_argument("--img_size", default=224, type=int, help="input side in pixels (paper: 128)")
     parser.add_argument("--patch_size", default=16, type=int)
-    parser.add_argument("--in_chans", default=7, type=int, help="image channels (7 for the brain-cell data)")
+    parser.add_argument("--in_chans", default=DEFAULT_IN_CHANS, type=int,
+                        help="image channels (default: 7, the brain-cell data; 3 with --recipe imagenet)")
     parser.add_argument("--mask_ratio", default=0.8, type=float, help="fraction of patches each student hides")
     parser.add_argument("--mask_overlap_ratio", default=0.5, type=float,
                         help="fraction of student 1's visible patches that student 2 also sees")
@@ -77,6 +80,10 @@ def get_args_parser():
     parser.add_argument("--data_path", default=None, type=str,
                         help="dataset folder: <data_path>/train/<class>/*.tif, or a flat folder of images")
     parser.add_argument("--synthetic_size", default=1024, type=int, help="number of synthetic images")
+    add_recipe_arg(parser)
+    parser.add_argument("--decode", default="cpu", choices=["cpu", "gpu"],
+                        help="--recipe imagenet: 'gpu' decodes the JPEG files of each batch on --device "
+                             "(workers only read bytes), then crops, flips and normalises there (default: %(default)s)")
     add_bool_flag(parser, "skip_bad_files", False,
                   help="leave out the files the header check before training finds bad (unreadable, wrong "
                        "channel count, too small) and record how many in log.txt, instead of stopping")
@@ -109,6 +116,7 @@ def resolve_defaults(args):
     if args.amp_dtype is None:
         args.amp_dtype = "bf16" if str(args.device).startswith("cuda") else "none"
     args.log_dir = args.log_dir or args.output_dir
+    resolve_recipe(args)  # --in_chans default, args.mean / args.std (stored in the checkpoint's args)
     for flag in ("batch_size", "epochs", "accum_iter", "save_freq", "print_freq", "vis_num_images"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
@@ -131,7 +139,7 @@ def build_loader(dataset, args):
     loader = torch.utils.data.DataLoader(
         dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
         pin_memory=args.pin_mem and str(args.device).startswith("cuda"), drop_last=True,
-        persistent_workers=args.num_workers > 0)
+        persistent_workers=args.num_workers > 0, collate_fn=getattr(dataset, "collate_fn", None))
     if len(loader) == 0:
         raise DataError(f"the dataset has {len(dataset)} images, fewer than one batch per process "
                         f"(--batch_size {args.batch_size} x {args.world_size} processes)")
@@ -147,16 +155,21 @@ def main(args):
     misc.seed_everything(args.seed)
 
     model = build_model(args)  # config errors surface before any data is read
-    dataset = build_gpu_pretrain_dataset(args) if args.gpu_augment else build_pretrain_dataset(args)
+    if args.decode == "gpu":
+        dataset = build_encoded_pretrain_dataset(args)
+    else:
+        dataset = build_gpu_pretrain_dataset(args) if args.gpu_augment else build_pretrain_dataset(args)
     skipped = getattr(dataset, "skipped_bad_files", 0)  # --skip_bad_files: logged in this run's first log.txt line
     print(f"dataset: {len(dataset)} images" + (f" ({skipped} bad files left out)" if skipped else ""))
     data_loader = build_loader(dataset, args)
     knn_monitor = KnnMonitor(args) if args.knn_freq > 0 else None  # labelled-data errors surface now
     model.to(device)
     batch_transform = GPUAugment(args.img_size).to(device) if args.gpu_augment else None
-    vis_dataset = None  # the --vis_freq figures (rank 0): full-size images, which --gpu_augment's items are not
+    if args.decode == "gpu":
+        batch_transform = DeviceDecode(args.img_size, args.mean, args.std).to(device)
+    vis_dataset = None  # the --vis_freq figures (rank 0): full-size images, which device-side items are not
     if args.vis_freq > 0 and misc.is_main_process():
-        vis_dataset = build_pretrain_dataset(args) if args.gpu_augment else dataset
+        vis_dataset = build_pretrain_dataset(args) if batch_transform is not None else dataset
     model_without_ddp = model
     print(f"model: {args.arch}, {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M "
           f"trainable parameters; {model.num_visible} of {model.num_patches} patches visible per student, "

@@ -3,7 +3,7 @@
 Everything returns float32 tensors laid out [C, H, W]. Bad input raises `DataError`, whose message names the file,
 folder or flag at fault and what was expected. Reading one file is util.io, the augmentation util.transforms, the
 built-in synthetic cells util.synthetic, listing folders and checking every file's header util.filelist (cached in
-<output_dir>/data_index).
+<output_dir>/data_index), MAE's ImageNet recipe (--recipe imagenet) util.imagenet.
 """
 import os
 from pathlib import Path
@@ -152,6 +152,10 @@ def checked_folder_dataset(files: FileList, classes, args, transform: TensorTran
     return dataset
 
 
+def recipe(args) -> str:
+    return getattr(args, "recipe", None) or "cells"
+
+
 # --------------------------------------------------------------------------------------------------
 # Builders used by the training scripts
 # --------------------------------------------------------------------------------------------------
@@ -174,7 +178,11 @@ def build_pretrain_dataset(args) -> Dataset:
     folder: <data_path>/train (class folders or a flat folder of images) or, without train/, <data_path>
     itself; the first file is read and checked now, so that a wrong --in_chans or a too-small image
     fails before training starts. synthetic: `args.synthetic_size` SyntheticCells with `args.seed`.
+    --recipe imagenet: util.imagenet's RGB dataset.
     """
+    if recipe(args) == "imagenet":
+        from util.imagenet import build_imagenet_pretrain_dataset  # util.imagenet builds on this module
+        return build_imagenet_pretrain_dataset(args)
     transform = build_pretrain_transform(args.img_size)
     if dataset_kind(args) == "synthetic":
         return SyntheticCells(synthetic_size(args), args.img_size, args.in_chans, seed=args.seed,
@@ -191,7 +199,11 @@ def build_finetune_dataset(is_train: bool, args) -> Dataset:
     `args.synthetic_size` images and val a quarter of that (at least one per class) from a different
     seed stream, so the two never share an image. Its val crop is min(val_crop, img_size), because a
     synthetic image is only img_size wide: at img_size < 48 validation sees the whole image.
+    --recipe imagenet: util.imagenet's RGB dataset.
     """
+    if recipe(args) == "imagenet":
+        from util.imagenet import build_imagenet_finetune_dataset  # util.imagenet builds on this module
+        return build_imagenet_finetune_dataset(is_train, args)
     val_crop = int(getattr(args, "val_crop", None) or DEFAULT_VAL_CROP)
     if dataset_kind(args) == "synthetic":
         transform = build_finetune_transform(is_train, args.img_size, min(val_crop, args.img_size))
