@@ -31,6 +31,7 @@ from util.cli import add_bool_flag, run_tool
 from util.convert import load_pretrained_encoder
 from util.datasets import build_finetune_dataset
 from util.errors import ConfigError, DataError
+from util.imagenet import DEFAULT_IN_CHANS, add_finetune_augment_args, add_recipe_arg, resolve_recipe
 from util.lr_sched import resolve_lr
 from util.normalize import add_normalize_args, check_percentiles, describe, is_percentile
 from util.output import exclusive_output_dir, prepare_output_dir
@@ -46,7 +47,8 @@ def add_model_args(parser):
                         help="encoder size; the same name as the pretraining run")
     parser.add_argument("--img_size", default=128, type=int, help="fine-tuning image size (pos_embed is resampled)")
     parser.add_argument("--patch_size", default=16, type=int)
-    parser.add_argument("--in_chans", default=7, type=int, help="image channels (7 for the brain-cell TIFFs)")
+    parser.add_argument("--in_chans", default=DEFAULT_IN_CHANS, type=int,
+                        help="image channels (default: 7, the brain-cell TIFFs; 3 with --recipe imagenet)")
     parser.add_argument("--num_classes", default=None, type=int,
                         help="number of classes (default: the number of class folders found)")
     parser.add_argument("--drop_path", default=0.1, type=float, help="stochastic depth rate")
@@ -80,6 +82,7 @@ def add_augmentation_args(parser):
     parser.add_argument("--mixup_prob", default=1.0, type=float, help="probability of mixup or cutmix per batch")
     parser.add_argument("--mixup_switch_prob", default=0.5, type=float, help="probability of cutmix over mixup")
     parser.add_argument("--mixup_mode", default="batch", choices=("batch", "pair", "elem"))
+    add_finetune_augment_args(parser)
 
 
 def add_checkpoint_args(parser):
@@ -105,6 +108,10 @@ def add_data_args(parser):
     parser.add_argument("--synthetic_size", default=DEFAULT_SYNTHETIC_SIZE, type=int,
                         help="training images of --dataset synthetic")
     parser.add_argument("--val_crop", default=48, type=int, help="centre crop of validation images before resize")
+    add_recipe_arg(parser)
+    add_bool_flag(parser, "skip_bad_files", False,
+                  help="leave out the files the header check before training finds bad (unreadable, wrong "
+                       "channel count, too small) and record how many in log.txt, instead of stopping")
     parser.add_argument("--num_workers", default=misc.default_num_workers(), type=int,
                         help="DataLoader worker processes per GPU (default: up to 10, at most the CPUs available)")
     add_bool_flag(parser, "pin_mem", True, help="pin CPU memory in the data loaders (default on)")
@@ -137,6 +144,7 @@ def resolve_defaults(args):
             raise ConfigError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     check_save_schedule(args)
     check_percentiles(args.clip_percentiles)
+    resolve_recipe(args)  # --in_chans default, args.mean / args.std (stored in the checkpoint's args)
 
 
 def mixup_active(args) -> bool:
@@ -325,7 +333,10 @@ def train(args, run: dict):
             print(f"Max accuracy: {max_accuracy:.2f}%")
             save_epoch_checkpoints(save, args, epoch, max_accuracy, improved)
             log_test_scalars(log_writer, test_stats, epoch)
-            misc.append_json_log(args.output_dir, epoch_log_line(epoch, train_stats, test_stats, n_parameters))
+            line = epoch_log_line(epoch, train_stats, test_stats, n_parameters)
+            if getattr(args, "skip_bad_files", False) and epoch == args.start_epoch:
+                line["skipped_bad_files"] = args.skipped_bad_files
+            misc.append_json_log(args.output_dir, line)
     finally:
         stop_signals.uninstall()
         if log_writer is not None:
@@ -350,6 +361,8 @@ def setup(args, identity: dict, make_model=build_finetune_model, make_optimizer=
 
     dataset_train, dataset_val = build_datasets(args)
     num_classes = check_num_classes(args, dataset_train, dataset_val)
+    # --skip_bad_files: how many the header check left out, logged in this run's first log.txt line
+    args.skipped_bad_files = sum(getattr(d, "skipped_bad_files", 0) for d in (dataset_train, dataset_val))
     print(f"train: {len(dataset_train)} images, val: {len(dataset_val)} images, {num_classes} classes")
     loaders = build_loaders(args, dataset_train, dataset_val)
     criterion, mixup_fn = build_criterion(args, num_classes)

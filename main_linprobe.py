@@ -1,4 +1,4 @@
-"""Linear probe of a frozen pretrained encoder (MAE's main_linprobe, with SGD instead of LARS).
+"""Linear probe of a frozen pretrained encoder (MAE's main_linprobe; SGD by default, LARS as MAE with --optimizer lars).
 
     python main_linprobe.py --arch main_vit_tiny --finetune OUT/checkpoint.pth --data_path DATA --output_dir LP
     python main_linprobe.py --dataset synthetic --arch main_vit_tiny --img_size 64 --finetune OUT/checkpoint.pth
@@ -7,8 +7,10 @@ The encoder is loaded exactly as main_finetune.py loads --finetune (student 1 by
 file) and frozen; only the head BatchNorm1d(affine=False) -> Linear is trained. The flags are main_finetune's
 with linear-probe defaults (SGD momentum 0.9, blr 0.1, no weight decay, no mixup/cutmix/smoothing,
 no drop path); log.txt and checkpoints have the same format as fine-tuning's.
-MAE trains its probe with LARS at batch 16384; SGD with momentum is the usual choice at the batch sizes
-of cell data sets, and the BatchNorm in front of the linear layer makes it insensitive to the feature scale.
+MAE trains its probe with LARS at batch 16384 (--optimizer lars, --batch_size x --accum_iter x GPUs = 16384);
+SGD with momentum is the usual choice at the batch sizes of cell data sets, and the BatchNorm in front of the
+linear layer makes it insensitive to the feature scale. With --recipe imagenet the images get MAE's probe
+transform (RandomResizedCrop, flip, mean/std: the defaults --aa none --reprob 0 turn RandAugment and erasing off).
 """
 import sys
 
@@ -18,9 +20,10 @@ from timm.layers import trunc_normal_
 
 import main_finetune
 from util.errors import ConfigError
+from util.lars import LARS
 
 LINPROBE_DEFAULTS = dict(batch_size=256, epochs=90, blr=0.1, min_lr=0.0, weight_decay=0.0, warmup_epochs=10,
-                         smoothing=0.0, mixup=0.0, cutmix=0.0, drop_path=0.0)
+                         smoothing=0.0, mixup=0.0, cutmix=0.0, drop_path=0.0, aa="none", reprob=0.0)
 
 
 def get_args_parser():
@@ -28,9 +31,10 @@ def get_args_parser():
     parser = main_finetune.get_args_parser()
     parser.description = "DAMA linear probe (frozen encoder)"
     parser.set_defaults(**LINPROBE_DEFAULTS)
-    parser.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"),
-                        help="sgd (momentum, default; blr 0.1) or adamw (use e.g. --blr 1e-3); --layer_decay is unused")
-    parser.add_argument("--momentum", default=0.9, type=float, help="SGD momentum")
+    parser.add_argument("--optimizer", default="sgd", choices=("sgd", "lars", "adamw"),
+                        help="sgd (momentum, default; blr 0.1), lars (MAE's ImageNet probe: blr 0.1 at batch 16384, "
+                             "with --accum_iter) or adamw (use e.g. --blr 1e-3); --layer_decay is unused")
+    parser.add_argument("--momentum", default=0.9, type=float, help="SGD and LARS momentum")
     return parser
 
 
@@ -59,6 +63,8 @@ def build_optimizer(args, model_without_ddp):
     params = [p for p in model_without_ddp.head.parameters() if p.requires_grad]
     if args.optimizer == "sgd":
         return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    if args.optimizer == "lars":
+        return LARS(params, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum)
     return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
 
 

@@ -23,6 +23,8 @@ from util.cli import add_bool_flag, run_tool
 from util.datasets import build_pretrain_dataset, data_root, dataset_kind
 from util.errors import ConfigError, DataError
 from util.gpu_augment import GPUAugment, build_gpu_pretrain_dataset
+from util.imagenet import (DEFAULT_IN_CHANS, DeviceDecode, add_recipe_arg, build_encoded_pretrain_dataset,
+                           resolve_recipe)
 from util.knn import KnnMonitor, add_knn_args
 from util.lr_decay import param_groups_weight_decay
 from util.lr_sched import resolve_lr
@@ -42,7 +44,8 @@ def get_args_parser():
                         help=f"model name, one of {sorted(models_dama.ARCH_CONFIGS)} (mae_*: the MAE baseline)")
     parser.add_argument("--img_size", default=224, type=int, help="input side in pixels (paper: 128)")
     parser.add_argument("--patch_size", default=16, type=int)
-    parser.add_argument("--in_chans", default=7, type=int, help="image channels (7 for the brain-cell data)")
+    parser.add_argument("--in_chans", default=DEFAULT_IN_CHANS, type=int,
+                        help="image channels (default: 7, the brain-cell data; 3 with --recipe imagenet)")
     parser.add_argument("--mask_ratio", default=0.8, type=float, help="fraction of patches each student hides")
     parser.add_argument("--mask_overlap_ratio", default=0.5, type=float,
                         help="fraction of student 1's visible patches that student 2 also sees")
@@ -85,6 +88,13 @@ def get_args_parser():
     parser.add_argument("--data_path", default=None, type=str,
                         help="dataset folder: <data_path>/train/<class>/*.tif, or a flat folder of images")
     parser.add_argument("--synthetic_size", default=1024, type=int, help="number of synthetic images")
+    add_recipe_arg(parser)
+    parser.add_argument("--decode", default="cpu", choices=["cpu", "gpu"],
+                        help="--recipe imagenet: 'gpu' decodes the JPEG files of each batch on --device "
+                             "(workers only read bytes), then crops, flips and normalises there (default: %(default)s)")
+    add_bool_flag(parser, "skip_bad_files", False,
+                  help="leave out the files the header check before training finds bad (unreadable, wrong "
+                       "channel count, too small) and record how many in log.txt, instead of stopping")
     parser.add_argument("--num_workers", default=misc.default_num_workers(), type=int,
                         help="DataLoader worker processes per GPU (default: up to 10, at most the CPUs available)")
     add_bool_flag(parser, "pin_mem", True, help="pin CPU memory in the data loader (default on)")
@@ -118,6 +128,7 @@ def resolve_defaults(args):
     if args.amp_dtype is None:
         args.amp_dtype = "bf16" if str(args.device).startswith("cuda") else "none"
     args.log_dir = args.log_dir or args.output_dir
+    resolve_recipe(args)  # --in_chans default, args.mean / args.std (stored in the checkpoint's args)
     for flag in ("batch_size", "epochs", "accum_iter", "save_freq", "print_freq", "vis_num_images"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
@@ -163,7 +174,8 @@ def build_loader(dataset, args):
     """Shuffled, drop-last training loader whose order, augmentations and start step are reproducible
     (util.sampling): set_epoch(epoch, start_step) continues an epoch where a mid-epoch checkpoint left it."""
     loader = resumable_loader(dataset, args.batch_size, args.num_workers, args.seed, args.world_size, args.rank,
-                              pin_memory=args.pin_mem and str(args.device).startswith("cuda"), drop_last_sampler=True)
+                              pin_memory=args.pin_mem and str(args.device).startswith("cuda"), drop_last_sampler=True,
+                              collate_fn=getattr(dataset, "collate_fn", None))
     if len(loader) == 0:
         raise DataError(f"the dataset has {len(dataset)} images, fewer than one batch per process "
                         f"(--batch_size {args.batch_size} x {args.world_size} processes)")
@@ -188,16 +200,22 @@ def train(args, identity: dict):
     find_resume_checkpoint(args, identity)  # another run in --output_dir is refused before anything is built
 
     model = build_model(args)  # config errors surface before any data is read
-    dataset = build_training_dataset(args)
-    print(f"dataset: {len(dataset)} images")
+    if args.decode == "gpu":
+        dataset = build_encoded_pretrain_dataset(args)
+    else:
+        dataset = build_training_dataset(args)
+    skipped = getattr(dataset, "skipped_bad_files", 0)  # --skip_bad_files: logged in this run's first log.txt line
+    print(f"dataset: {len(dataset)} images" + (f" ({skipped} bad files left out)" if skipped else ""))
     record_data_description(args, dataset)
     data_loader = build_loader(dataset, args)
     knn_monitor = KnnMonitor(args) if args.knn_freq > 0 else None  # labelled-data errors surface now
     model.to(device)
     batch_transform = GPUAugment(args.img_size).to(device) if args.gpu_augment else None
-    vis_dataset = None  # the --vis_freq figures (rank 0): full-size images, which --gpu_augment's items are not
+    if args.decode == "gpu":
+        batch_transform = DeviceDecode(args.img_size, args.mean, args.std).to(device)
+    vis_dataset = None  # the --vis_freq figures (rank 0): full-size images, which device-side items are not
     if args.vis_freq > 0 and misc.is_main_process():
-        vis_dataset = build_pretrain_dataset(args) if args.gpu_augment else dataset
+        vis_dataset = build_pretrain_dataset(args) if batch_transform is not None else dataset
     model_without_ddp = model
     print(f"model: {args.arch}, {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M "
           f"trainable parameters; {model.num_visible} of {model.num_patches} patches visible per student, "
@@ -242,8 +260,9 @@ def train(args, identity: dict):
             if vis_dataset is not None and (epoch + 1) % args.vis_freq == 0:
                 write_training_figure(model_without_ddp, vis_dataset, epoch, log_writer, args)  # fixed images, masks
             knn_stats = knn_monitor.log(epoch, model_without_ddp.student1, device, log_writer) if knn_monitor else {}
-            misc.append_json_log(args.output_dir,
-                                 {**{f"train_{k}": v for k, v in stats.items()}, **knn_stats, "epoch": epoch})
+            first_line = {"skipped_bad_files": skipped} if args.skip_bad_files and epoch == args.start_epoch else {}
+            misc.append_json_log(args.output_dir, {**{f"train_{k}": v for k, v in stats.items()}, **knn_stats,
+                                                   **first_line, "epoch": epoch})
             if log_writer is not None:
                 log_writer.flush()
     finally:

@@ -21,6 +21,17 @@ each single-process with one thread (what one DataLoader worker does) and throug
 
     python benchmarks/bench_data.py                       # 224 and 128 px, both pipelines
     python benchmarks/bench_data.py --img_size 224 --num_workers 16 --pipelines cpu gpu --device cuda
+
+--recipe imagenet measures MAE's ImageNet recipe instead (util/imagenet.py) on --num_files RGB JPEGs of
+--jpeg_size (default 500 x 375, ImageNet's most common size; cut from scikit-image's photographs, rounded up to
+a multiple of 3) or on the images of --data_path (<data_path>/train or <data_path>, as pretraining reads it):
+'imagenet_pretrain' (PIL decode, RandomResizedCrop, flip, mean/std: the CPU path),
+'imagenet_finetune' (timm's transform with RandAugment and random erasing), 'imagenet_eval', and
+'imagenet_decode_gpu' (the worker side of --decode gpu: read the bytes, draw the box) with
+'imagenet_decode_gpu_device' (decode_jpeg + crop + resize + flip + normalise of a batch on --device).
+workers_for_target is for the issue's ImageNet target, 4,000 img/s (ViT-B/16 at 224 px on one GPU).
+
+    python benchmarks/bench_data.py --recipe imagenet --img_size 224 --num_workers 2
 """
 import argparse
 import math
@@ -46,6 +57,8 @@ from util.synthetic import SyntheticCells  # noqa: E402
 from util.transforms import TensorTransform, build_pretrain_transform  # noqa: E402
 
 REFERENCE_IMG_PER_S_PER_CORE = {224: 230}  # the reference's numpy/cv2 pipeline (issue 6)
+IMAGENET_TARGET_IMG_PER_S = 4000  # issue 20: ViT-B/16 at 224 px on one GPU
+IMAGENET_PIPELINES = ("imagenet_pretrain", "imagenet_finetune", "imagenet_eval", "imagenet_decode_gpu")
 TARGET_IMG_PER_S = {224: 3500, 128: 12000}  # issue 6's training targets (ViT-B at 224, ViT-T at 128)
 LAYOUTS = ("channel_last", "planar")
 FILE_PIPELINES = ("cpu", "gpu")
@@ -239,8 +252,117 @@ def markdown_table(rows) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------------------------------
+# --recipe imagenet
+# --------------------------------------------------------------------------------------------------
+def imagenet_datasets(folder: Path, img_size: int, pipelines) -> dict:
+    """{pipeline: dataset} over the folder's images, with the recipe's transforms."""
+    from util.datasets import pretrain_samples
+    from util.filelist import check_files
+    from util.imagenet import (EncodedImageFiles, RGBImageFiles, build_imagenet_finetune_transform,
+                               build_imagenet_pretrain_transform)
+
+    files, _ = pretrain_samples(folder)  # <folder>/train or <folder>, class folders or flat, as pretraining
+    files, headers, _ = check_files(files, 3, 1, rgb=True, skip_bad=True)
+    makers = {
+        "imagenet_pretrain": lambda: RGBImageFiles(files, build_imagenet_pretrain_transform(img_size)),
+        "imagenet_finetune": lambda: RGBImageFiles(files, build_imagenet_finetune_transform(True, img_size)),
+        "imagenet_eval": lambda: RGBImageFiles(files, build_imagenet_finetune_transform(False, img_size)),
+        "imagenet_decode_gpu": lambda: EncodedImageFiles(files, headers, img_size),
+    }
+    return {name: makers[name]() for name in pipelines}
+
+
+def time_decode_device(dataset, img_size: int, batch_size: int, device, steps: int = 5) -> float:
+    """img/s of util.imagenet.DeviceDecode on batches of `dataset` (EncodedImageFiles) already collated."""
+    from util.imagenet import DeviceDecode, collate_encoded
+
+    decode = DeviceDecode(img_size).to(device)
+    batch, _ = collate_encoded([dataset[i % len(dataset)] for i in range(batch_size)])
+    decode(batch)  # warm-up (nvJPEG handles, kernels)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    begin = time.perf_counter()
+    for _ in range(steps):
+        decode(batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return batch_size * steps / (time.perf_counter() - begin)
+
+
+def imagenet_row(pipeline, layout, img_size, files, workers, img_per_s, per_worker=True) -> dict:
+    """make_row with the ImageNet target; `files` says what was read ('500x375 JPEG' or 'data_path')."""
+    row = make_row(pipeline, layout, img_size, None, workers, img_per_s, per_worker)
+    per = row["img_per_s_per_worker"]
+    row.update(files=files, reference_img_per_s_per_core=None, target_img_per_s=IMAGENET_TARGET_IMG_PER_S,
+               workers_for_target=math.ceil(IMAGENET_TARGET_IMG_PER_S / per) if per else None)
+    return row
+
+
+def bench_imagenet(args, tmp: Path) -> list:
+    """Rows of the ImageNet recipe (see the module docstring) for every --img_size."""
+    if args.data_path:
+        folder, file_size = Path(args.data_path), "data_path"
+    else:
+        from util.imagenet import PHOTOS, write_photo_folder
+
+        per_class = math.ceil(args.num_files / len(PHOTOS))
+        folder = write_photo_folder(tmp / "imagenet", n_train=per_class, n_val=0, size=args.jpeg_size)
+        file_size = f"{per_class * len(PHOTOS)} JPEGs of {args.jpeg_size[0]}x{args.jpeg_size[1]}"
+    pipelines = [p for p in args.pipelines if p in IMAGENET_PIPELINES] or list(IMAGENET_PIPELINES)
+    rows = []
+    for img_size in args.img_size:
+        for pipeline, dataset in imagenet_datasets(folder, img_size, pipelines).items():
+            rate = time_single_process(dataset, args.min_seconds)
+            rows.append(imagenet_row(pipeline, "jpeg", img_size, file_size, 0, rate))
+            if args.num_workers > 0:
+                collate = getattr(dataset, "collate_fn", None)
+                rate = time_imagenet_loader(dataset, args.num_workers, args.batch_size, args.passes, collate)
+                rows.append(imagenet_row(pipeline, "jpeg", img_size, file_size, args.num_workers, rate))
+            if pipeline == "imagenet_decode_gpu":
+                device = torch.device(args.device)
+                rate = time_decode_device(dataset, img_size, args.augment_batch_size, device)
+                row = imagenet_row("imagenet_decode_gpu_device", str(device), img_size, file_size, None, rate,
+                                   per_worker=False)
+                row["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+                rows.append(row)
+    return rows
+
+
+def imagenet_table(rows) -> str:
+    lines = ["| pipeline | img | files | workers | img/s | img/s/worker | ms/img | workers for 4,000 img/s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        workers = {0: "1 (in process)", None: f"- ({r['layout']})"}.get(r["workers"], r["workers"])
+        lines.append(f"| {r['pipeline']} | {r['img_size']} | {r['files']} | {workers} | {r['img_per_s']:,.0f} "
+                     f"| {fmt(r['img_per_s_per_worker'], ',')} | {fmt(r['ms_per_img_per_worker'], ',')} "
+                     f"| {fmt(r['workers_for_target'], ',')} |")
+    lines.append("\nTarget (issue 20): 4,000 img/s, ViT-B/16 at 224 px on one GPU.")
+    return "\n".join(lines)
+
+
+def time_imagenet_loader(dataset, num_workers: int, batch_size: int, passes: int, collate_fn) -> float:
+    """time_loader for datasets with their own collate_fn (--decode gpu's batches are not tensors)."""
+    loader = DataLoader(Repeated(dataset, passes), batch_size=batch_size, num_workers=num_workers, shuffle=True,
+                        drop_last=True, collate_fn=collate_fn)
+    count, begin = 0, None
+    for _, labels in loader:
+        if begin is None:
+            begin = time.perf_counter()
+            continue
+        count += labels.shape[0]
+    if begin is None or count == 0:
+        raise ValueError(f"--num_files x passes gives fewer than two batches of --batch_size {batch_size}; "
+                         "use more files or a smaller batch")
+    return count / (time.perf_counter() - begin)
+
+
 def get_args_parser():
     parser = argparse.ArgumentParser("DAMA data-pipeline benchmark", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipe", default="cells", choices=["cells", "imagenet"],
+                        help="cells: 7-channel TIFF pipelines; imagenet: MAE's ImageNet recipe on RGB JPEGs")
+    parser.add_argument("--jpeg_size", type=int, nargs=2, default=[500, 375], metavar=("WIDTH", "HEIGHT"),
+                        help="--recipe imagenet: size of the written JPEGs")
     parser.add_argument("--img_size", nargs="+", type=int, default=[224, 128], help="training side(s) S")
     parser.add_argument("--file_size", type=int, default=None, help="side of the written TIFFs (default: S)")
     parser.add_argument("--in_chans", type=int, default=7)
@@ -249,8 +371,9 @@ def get_args_parser():
     parser.add_argument("--compression", default=None, choices=[None, "zlib", "lzw"], help="TIFF compression")
     parser.add_argument("--data_path", default=None,
                         help="measure these image files instead of writing random ones (one 'layout': data_path)")
-    parser.add_argument("--pipelines", nargs="+", choices=[*FILE_PIPELINES, "synthetic", "packed"],
-                        default=[*FILE_PIPELINES, "synthetic", "packed"])
+    parser.add_argument("--pipelines", nargs="+", choices=[*FILE_PIPELINES, "synthetic", "packed", *IMAGENET_PIPELINES],
+                        default=[*FILE_PIPELINES, "synthetic", "packed"],
+                        help="pipelines to time (--recipe imagenet: the imagenet_* ones, default all of them)")
     parser.add_argument("--packed_sizes", nargs="+", type=int, default=[64, 128],
                         help="crop sides of the 'packed' rows (packed cells.npy vs one TIFF per crop)")
     parser.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
@@ -284,6 +407,14 @@ def file_sets(args, tmp: Path):
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     device = torch.device(args.device)
+    if args.recipe == "imagenet":
+        with tempfile.TemporaryDirectory(prefix="dama_bench_imagenet_") as tmp:
+            rows = bench_imagenet(args, Path(tmp))
+        for row in rows:
+            emit(row, args.out)
+        print()
+        print(imagenet_table(rows))
+        return 0
     rows = []
     with tempfile.TemporaryDirectory(prefix="dama_bench_data_") as tmp:
         for layout, img_size, paths in file_sets(args, Path(tmp)):

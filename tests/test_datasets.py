@@ -332,8 +332,8 @@ def test_unsupported_pixel_type_names_the_file(tmp_path, write_image):
 
 def test_each_file_is_checked_again_when_loaded(make_image_folder, write_image):
     root = make_image_folder(size=16)
-    write_image(root / "train" / "b" / "b_1.tif", np.zeros((4, 16, 16), np.uint16))
-    data = build_pretrain_dataset(make_args(data_path=str(root), img_size=16))  # the first file is fine
+    data = build_pretrain_dataset(make_args(data_path=str(root), img_size=16))  # every header is fine now
+    write_image(root / "train" / "b" / "b_1.tif", np.zeros((4, 16, 16), np.uint16))  # goes bad after the check
     with pytest.raises(DataError, match=r"b_1\.tif: image has 4 channel"):
         data[3]
 
@@ -341,17 +341,17 @@ def test_each_file_is_checked_again_when_loaded(make_image_folder, write_image):
 # ---------------------------------------------------------------- error_line
 
 def test_error_line_gives_the_original_message_from_a_dataloader_worker(make_image_folder, tmp_path):
-    root = make_image_folder(classes=("a",), n_per_class=1, size=16, splits=("train",))
-    bad = root / "train" / "a" / "z.tif"
-    bad.write_bytes(b"garbage" * 20)
+    root = make_image_folder(classes=("a",), n_per_class=2, size=16, splits=("train",))
     data = build_pretrain_dataset(make_args(data_path=str(root), img_size=16))
+    bad = root / "train" / "a" / "a_1.tif"
+    bad.write_bytes(b"garbage" * 20)  # after the header check: it fails only when read
     with pytest.raises(DataError) as direct:
         data[1]
     with pytest.raises(DataError) as from_worker:
         list(DataLoader(data, batch_size=1, num_workers=1))
     assert "DataLoader worker process" in str(from_worker.value)  # torch wrapped it with the worker traceback
     assert error_line(from_worker.value) == error_line(direct.value) == str(direct.value)
-    assert "z.tif: cannot read TIFF" in error_line(from_worker.value)
+    assert "a_1.tif: cannot read TIFF" in error_line(from_worker.value)
 
 
 def test_error_line_of_other_exceptions_keeps_the_type_on_one_line():

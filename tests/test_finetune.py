@@ -138,7 +138,8 @@ def test_converted_checkpoint_loads_into_plain_timm(pretrained_64, tmp_path):
     converted = torch.load(out, weights_only=True)
     assert converted["pretrained_cfg"] == dict(arch="main_vit_tiny", img_size=64, patch_size=16, in_chans=7,
                                                embed_dim=192, depth=12, num_heads=3, student=2, epoch=0,
-                                               channel_names=None, normalization=None)
+                                               channel_names=None, normalization=None,
+                                               mean=None, std=None)  # the cell recipe: no normalisation
 
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, in_chans=7, num_classes=5)
     missing, unexpected = model.load_state_dict(converted["model"], strict=False)

@@ -21,8 +21,11 @@ _KEYS_SHOWN = 5  # how many mismatched state-dict keys an error message lists
 def to_plain(value):
     """A value torch.load(weights_only=True) accepts: Path -> str, tuple -> list, numpy scalar -> number,
     containers converted recursively, any other object -> its str."""
-    if value is None or isinstance(value, (bool, int, float, str)):
+    if value is None:
         return value
+    for plain in (bool, int, float, str):  # also their subclasses (e.g. an int that remembers it was a default)
+        if isinstance(value, plain):
+            return plain(value)
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, (list, tuple)):

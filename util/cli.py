@@ -22,16 +22,22 @@ _EXCEPTION_LINE = re.compile(r"([A-Za-z_][\w.]*)(?:: (.*))?$")
 
 def error_line(exc: BaseException) -> str:
     """One clean line for a UserError or NonFiniteLossError: its message, without the type name (the message says
-    what is wrong); 'Type: message' for anything else.
+    what is wrong); 'Type: message' for anything else. A UserError written as several lines (a list of bad files)
+    keeps them, each continuation indented by two spaces.
 
     A DataLoader worker re-raises the original exception type with a message holding the whole worker
     traceback ("Caught X in DataLoader worker process N. Original Traceback ..."): the original message is
     taken from it.
     """
     name, message = type(exc).__name__, str(exc)
-    if _WORKER_MARKER in message:
+    from_worker = _WORKER_MARKER in message
+    if from_worker:
         name, message = _original_exception(message)
-    message = " ".join(line.strip() for line in message.splitlines() if line.strip())
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if isinstance(exc, UserError) and not from_worker and len(lines) > 1:
+        # a message written as several lines (util.filelist's list of bad files, one per line) keeps them
+        return "\n  ".join(lines)
+    message = " ".join(lines)
     if isinstance(exc, (UserError, NonFiniteLossError)):
         return message or name
     return f"{name}: {message}" if message else name

@@ -143,10 +143,25 @@ def key_list(keys, shown: int = 8) -> str:
     return str(keys[:shown]) + more
 
 
-def pretrained_arch_of(checkpoint: dict) -> str:
+def checkpoint_args(checkpoint: dict) -> dict:
+    """The run's args stored in a checkpoint as a dict ({} when there are none)."""
     args = checkpoint.get("args")
     args = vars(args) if isinstance(args, argparse.Namespace) else args
-    return args.get("arch", "") if isinstance(args, dict) else ""
+    return args if isinstance(args, dict) else {}
+
+
+def pretrained_arch_of(checkpoint: dict) -> str:
+    return checkpoint_args(checkpoint).get("arch", "")
+
+
+def normalisation_of(checkpoint: dict, in_chans: int) -> tuple:
+    """(mean, std) the run normalised its inputs with (--recipe imagenet stores them in args), as lists of
+    in_chans floats; (None, None) when the checkpoint has none (raw [0, 1] intensities, the cell recipe)."""
+    args = checkpoint_args(checkpoint)
+    mean, std = args.get("mean"), args.get("std")
+    if isinstance(mean, (list, tuple)) and isinstance(std, (list, tuple)) and len(mean) == len(std) == in_chans:
+        return [float(m) for m in mean], [float(s) for s in std]
+    return None, None
 
 
 def load_pretrained_encoder(model: torch.nn.Module, path: str, student: int = 1) -> None:
@@ -198,9 +213,11 @@ def encoder_metadata(encoder: dict, checkpoint: dict, student: int, path: str = 
         arch = infer_arch(embed_dim, depth)
     num_heads = ARCH_CONFIGS[arch]["num_heads"] if arch in ARCH_CONFIGS else None
     channel_names, normalization = checkpoint_description(checkpoint)  # the data the encoder was trained on
+    mean, std = normalisation_of(checkpoint, in_chans)
     return dict(arch=arch, img_size=grid * patch_size, patch_size=patch_size, in_chans=in_chans,
                 embed_dim=embed_dim, depth=depth, num_heads=num_heads, student=student,
-                epoch=checkpoint.get("epoch"), channel_names=channel_names, normalization=normalization)
+                epoch=checkpoint.get("epoch"), channel_names=channel_names, normalization=normalization,
+                mean=mean, std=std)
 
 
 TIMM_VIT_SIZES = {192: "tiny", 384: "small", 768: "base", 1024: "large"}  # embed_dim -> timm's ViT size name
@@ -210,11 +227,14 @@ def timm_pretrained_cfg(metadata: dict) -> dict:
     """Fields of timm's PretrainedCfg for the export, so that
     `timm.create_model(cfg['architecture'], pretrained=True, pretrained_cfg_overlay=dict(cfg, file=PATH))`
     builds a headless in_chans-channel, img_size-pixel ViT and loads the file (patch sizes other than 16 also
-    need patch_size=p). mean 0 / std 1 because DAMA trains on raw [0, 1] intensities without normalisation."""
+    need patch_size=p). mean/std are the run's (metadata 'mean'/'std', e.g. ImageNet's with --recipe imagenet),
+    else 0 / 1: the cell recipe trains on raw [0, 1] intensities without normalisation."""
     in_chans, img_size = metadata["in_chans"], metadata["img_size"]
     size = TIMM_VIT_SIZES.get(metadata["embed_dim"], "base")
+    mean = tuple(metadata.get("mean") or (0.0,) * in_chans)
+    std = tuple(metadata.get("std") or (1.0,) * in_chans)
     return dict(architecture=f"vit_{size}_patch16_224", input_size=(in_chans, img_size, img_size),
-                fixed_input_size=True, mean=(0.0,) * in_chans, std=(1.0,) * in_chans, crop_pct=1.0,
+                fixed_input_size=True, mean=mean, std=std, crop_pct=1.0,
                 interpolation="bicubic", num_classes=0, first_conv="patch_embed.proj", classifier="head")
 
 

@@ -2,7 +2,8 @@
 
 Everything returns float32 tensors laid out [C, H, W]. Bad input raises `DataError`, whose message names the file,
 folder or flag at fault and what was expected. Reading one file is util.io, the augmentation util.transforms, the
-built-in synthetic cells util.synthetic.
+built-in synthetic cells util.synthetic, listing folders and checking every file's header util.filelist (cached in
+<output_dir>/data_index), MAE's ImageNet recipe (--recipe imagenet) util.imagenet.
 """
 import os
 from pathlib import Path
@@ -10,7 +11,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from util import filelist
 from util.errors import DataError
+from util.filelist import FileList
 from util.io import IMAGE_EXTENSIONS, check_image, read_image
 from util.normalize import read_normalized
 from util.packed import describe_folder_dataset, open_packed_dataset, prepared_layout
@@ -26,17 +29,19 @@ DEFAULT_SYNTHETIC_SIZE = 1000
 # --------------------------------------------------------------------------------------------------
 
 class ImageFileDataset(Dataset):
-    """Images on disk as a list of (path, label); every file is read and checked when loaded.
+    """Images on disk as a util.filelist.FileList (or a list of (path, label), converted to one); every file is
+    read and checked when loaded.
 
-    __getitem__ -> (transform(image) [C, S, S] float32, label int). `.classes` lists the class names.
-    `normalization`: a percentile recipe (util/normalize.py) applied to the raw values when a file is read, or None
-    for dtype scaling; the builders set it and `channel_names` (util.packed.describe_folder_dataset).
+    __getitem__ -> (transform(image) [C, S, S] float32, label int). `.classes` lists the class names;
+    `.samples[i]` is (path, label). `normalization`: a percentile recipe (util/normalize.py) applied to the raw
+    values when a file is read, or None for dtype scaling; the builders set it and `channel_names`
+    (util.packed.describe_folder_dataset).
     """
     normalization = None
     channel_names = None
 
     def __init__(self, samples, classes, in_chans: int, transform: TensorTransform):
-        self.samples = list(samples)
+        self.samples = samples if isinstance(samples, FileList) else FileList.from_samples(samples, classes)
         self.classes = list(classes)
         self.in_chans = in_chans
         self.transform = transform
@@ -57,7 +62,7 @@ class ImageFileDataset(Dataset):
 
 def is_image_file(path: Path) -> bool:
     """An accepted extension (any case), and not a hidden file such as macOS '._x.tif' metadata."""
-    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+    return filelist.is_image_name(path.name) and path.is_file()
 
 
 def list_images(folder: Path, recursive: bool) -> list:
@@ -73,21 +78,12 @@ def list_images(folder: Path, recursive: bool) -> list:
 
 def class_folders(folder: Path) -> list:
     """Sorted names of the non-hidden sub-folders of `folder` (the ImageFolder classes)."""
-    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return filelist.class_folder_names(folder)
 
 
 def image_folder_samples(folder: Path, classes: list) -> list:
     """[(path, class index)] for the layout <folder>/<class>/**/<image>; every class folder present must hold images."""
-    samples = []
-    for name in class_folders(folder):
-        if name not in classes:
-            raise DataError(f"{folder / name}: class folder {name!r} is not one of the training classes {classes}")
-        files = list_images(folder / name, recursive=True)
-        if not files:
-            raise DataError(f"{folder / name}: class folder holds no images; expected files ending in "
-                            f"{', '.join(IMAGE_EXTENSIONS)}")
-        samples.extend((path, classes.index(name)) for path in files)
-    return samples
+    return list(filelist.list_folder(folder, classes))
 
 
 def no_images_error(folder: Path) -> DataError:
@@ -110,34 +106,37 @@ def data_root(args) -> Path:
     return root
 
 
-def pretrain_samples(root: Path):
-    """(samples, classes) for pretraining: <root>/train if present, as class folders or as a flat folder.
+def pretrain_samples(root: Path, cache_dir=None):
+    """(samples FileList, classes) for pretraining: <root>/train if present, as class folders or as a flat
+    folder; listed through the index in `cache_dir` when given (util.filelist).
 
     A folder holding both class folders and loose images uses the class folders, as torchvision's ImageFolder
     (and the reference code) does, and says how many loose images it leaves out.
     """
     folder = root / "train" if (root / "train").is_dir() else root
     classes = class_folders(folder)
-    flat_files = list_images(folder, recursive=False)
     if not classes:  # a flat folder of images (labels are unused in pretraining)
-        if not flat_files:
+        files = filelist.list_folder(folder, None, cache_dir)
+        if not len(files):
             raise no_images_error(folder)
-        return [(path, 0) for path in flat_files], ["unlabelled"]
-    samples = image_folder_samples(folder, classes)
-    note_ignored_loose_images(folder, flat_files, len(samples), len(classes))
-    return samples, classes
+        return files, ["unlabelled"]
+    files = filelist.list_folder(folder, classes, cache_dir)
+    note_ignored_loose_images(folder, len(files), len(classes))
+    return files, classes
 
 
-def note_ignored_loose_images(folder: Path, loose_files: list, used: int, num_classes: int) -> None:
+def note_ignored_loose_images(folder: Path, used: int, num_classes: int) -> None:
     """Say that images lying directly in a folder of class folders are not used (they have no class)."""
-    if loose_files:
-        print(f"note: {folder} holds {num_classes} class folder(s) and {len(loose_files)} image(s) directly in it "
-              f"(e.g. {loose_files[0].name}); using the {used} images in the class folders and ignoring the "
-              f"{len(loose_files)} loose ones")
+    if not filelist.has_images(folder):
+        return
+    loose = list_images(folder, recursive=False)
+    print(f"note: {folder} holds {num_classes} class folder(s) and {len(loose)} image(s) directly in it "
+          f"(e.g. {loose[0].name}); using the {used} images in the class folders and ignoring the "
+          f"{len(loose)} loose ones")
 
 
-def finetune_samples(root: Path, is_train: bool):
-    """(samples, classes) of <root>/train or <root>/val in ImageFolder layout.
+def finetune_samples(root: Path, is_train: bool, cache_dir=None):
+    """(samples FileList, classes) of <root>/train or <root>/val in ImageFolder layout.
 
     Validation labels follow the class list of <root>/train when it exists, so that a class missing from
     val/ does not shift the indices of the others.
@@ -147,11 +146,43 @@ def finetune_samples(root: Path, is_train: bool):
     require_folder(folder, f"the {split} folder (expected ImageFolder layout <data_path>/{split}/<class>/<image>)")
     train_folder = root / "train"
     classes = class_folders(train_folder) if train_folder.is_dir() else class_folders(folder)
-    samples = image_folder_samples(folder, classes)
-    if not samples:
+    samples = filelist.list_folder(folder, classes, cache_dir)
+    if not len(samples):
         raise no_images_error(folder)
-    note_ignored_loose_images(folder, list_images(folder, recursive=False), len(samples), len(classes))
+    note_ignored_loose_images(folder, len(samples), len(classes))
     return samples, classes
+
+
+def index_dir(args):
+    """<output_dir>/data_index, where the folder listings and headers are cached; None without --output_dir."""
+    output_dir = getattr(args, "output_dir", None)
+    return Path(output_dir) / "data_index" if output_dir else None
+
+
+def check_folder_files(files: FileList, args, min_side: int, rgb: bool = False):
+    """(files, headers, skipped count): util.filelist.check_files with the run's --in_chans and
+    --skip_bad_files: every bad file is reported before training, or left out."""
+    files, headers, (skipped, _) = filelist.check_files(files, args.in_chans, min_side, rgb=rgb,
+                                                        skip_bad=bool(getattr(args, "skip_bad_files", False)))
+    return files, headers, skipped
+
+
+def checked_folder_dataset(files: FileList, classes, args, transform: TensorTransform, root: Path = None,
+                           estimate: bool = False) -> ImageFileDataset:
+    """ImageFileDataset over the files that pass the header check (`.skipped_bad_files`: how many did not), with
+    its channel names and normalisation (util.packed.describe_folder_dataset; `estimate`: the recipe may be
+    estimated from these files) when `root` is given."""
+    files, _, skipped = check_folder_files(files, args, transform.min_side)
+    dataset = ImageFileDataset(files, classes, args.in_chans, transform)
+    if root is not None:
+        dataset = describe_folder_dataset(dataset, root, args, estimate=estimate)
+    dataset = checked(dataset)
+    dataset.skipped_bad_files = skipped
+    return dataset
+
+
+def recipe(args) -> str:
+    return getattr(args, "recipe", None) or "cells"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -177,7 +208,11 @@ def build_pretrain_dataset(args) -> Dataset:
     itself; the first file is read and checked now, so that a wrong --in_chans or a too-small image
     fails before training starts. synthetic: `args.synthetic_size` SyntheticCells with `args.seed`.
     A folder holding dataset.json (prepare_cells.py) is read as packed cells (util.packed: the train split).
+    --recipe imagenet: util.imagenet's RGB dataset.
     """
+    if recipe(args) == "imagenet":
+        from util.imagenet import build_imagenet_pretrain_dataset  # util.imagenet builds on this module
+        return build_imagenet_pretrain_dataset(args)
     transform = build_pretrain_transform(args.img_size)
     if dataset_kind(args) == "synthetic":
         return SyntheticCells(synthetic_size(args), args.img_size, args.in_chans, seed=args.seed,
@@ -185,9 +220,8 @@ def build_pretrain_dataset(args) -> Dataset:
     root = data_root(args)
     if prepared_layout(root) == "packed":  # prepare_cells.py's output: memory-mapped crops
         return open_packed_dataset(root, args, transform, split="train")
-    samples, classes = pretrain_samples(root)
-    dataset = ImageFileDataset(samples, classes, args.in_chans, transform)
-    return checked(describe_folder_dataset(dataset, root, args, estimate=True))
+    samples, classes = pretrain_samples(root, index_dir(args))
+    return checked_folder_dataset(samples, classes, args, transform, root, estimate=True)
 
 
 def build_finetune_dataset(is_train: bool, args) -> Dataset:
@@ -199,7 +233,11 @@ def build_finetune_dataset(is_train: bool, args) -> Dataset:
     seed stream, so the two never share an image. Its val crop is min(val_crop, img_size), because a
     synthetic image is only img_size wide: at img_size < 48 validation sees the whole image.
     Packed cells (a dataset.json folder): the train / val split and the labels of its cells.csv.
+    --recipe imagenet: util.imagenet's RGB dataset.
     """
+    if recipe(args) == "imagenet":
+        from util.imagenet import build_imagenet_finetune_dataset  # util.imagenet builds on this module
+        return build_imagenet_finetune_dataset(is_train, args)
     val_crop = int(getattr(args, "val_crop", None) or DEFAULT_VAL_CROP)
     if dataset_kind(args) == "synthetic":
         transform = build_finetune_transform(is_train, args.img_size, min(val_crop, args.img_size))
@@ -211,9 +249,8 @@ def build_finetune_dataset(is_train: bool, args) -> Dataset:
     if prepared_layout(root) == "packed":  # prepare_cells.py's output: split and labels from cells.csv
         return open_packed_dataset(root, args, transform, split="train" if is_train else "val", require_split=True,
                                    require_labels=True)
-    samples, classes = finetune_samples(root, is_train)
-    dataset = ImageFileDataset(samples, classes, args.in_chans, transform)
-    return checked(describe_folder_dataset(dataset, root, args, estimate=is_train))
+    samples, classes = finetune_samples(root, is_train, index_dir(args))
+    return checked_folder_dataset(samples, classes, args, transform, root, estimate=is_train)
 
 
 def checked(dataset: ImageFileDataset) -> ImageFileDataset:

@@ -55,16 +55,23 @@ def tiff_to_chw(array: np.ndarray, axes: str, path: Path) -> np.ndarray:
     'YXS' (interleaved, channel-last) and 'CYX'/'QYX'/'SYX' (planar or multi-page) both become [C, H, W];
     'YX' becomes [1, H, W]. Size-1 extra axes are dropped; two or more real extra axes are ambiguous.
     """
-    if "Y" not in axes or "X" not in axes or len(axes) != array.ndim:
-        raise DataError(f"{path}: TIFF axes {axes!r} with shape {array.shape}; expected an image with Y and X axes")
-    extra = [i for i, axis in enumerate(axes) if axis not in "YX" and array.shape[i] > 1]
-    if len(extra) > 1:
-        raise DataError(f"{path}: TIFF axes {axes!r} with shape {array.shape} have more than one channel-like axis; "
-                        "expected one channel axis besides Y and X (e.g. 'YXS' or 'CYX')")
-    order = extra + [axes.index("Y"), axes.index("X")]
+    order = tiff_axis_order(array.shape, axes, path)
     dropped = [i for i in range(array.ndim) if i not in order]  # all of size 1
     chw = np.transpose(array, dropped + order).reshape([array.shape[i] for i in order])
-    return chw if extra else chw[None]  # [C, H, W]
+    return chw if len(order) == 3 else chw[None]  # [C, H, W]
+
+
+def tiff_axis_order(shape, axes: str, path) -> list:
+    """Indices of the (channel,) Y and X axes of a TIFF series with `shape` and `axes`; DataError naming `path`
+    when there is no Y/X pair or more than one real channel-like axis. Needs only the header (util.filelist)."""
+    shape = tuple(shape)
+    if "Y" not in axes or "X" not in axes or len(axes) != len(shape):
+        raise DataError(f"{path}: TIFF axes {axes!r} with shape {shape}; expected an image with Y and X axes")
+    extra = [i for i, axis in enumerate(axes) if axis not in "YX" and shape[i] > 1]
+    if len(extra) > 1:
+        raise DataError(f"{path}: TIFF axes {axes!r} with shape {shape} have more than one channel-like axis; "
+                        "expected one channel axis besides Y and X (e.g. 'YXS' or 'CYX')")
+    return extra + [axes.index("Y"), axes.index("X")]
 
 
 def read_pil_chw(path: Path) -> np.ndarray:
@@ -78,33 +85,54 @@ def read_pil_chw(path: Path) -> np.ndarray:
     return array[None] if array.ndim == 2 else np.transpose(array, (2, 0, 1))
 
 
+PIL_GREY16_MODES = ("I;16", "I;16L", "I;16B", "I")  # 16-bit grey PNGs open as 'I;16' or 'I' (int32): 0..65535
+PIL_GREY_MODES = ("1", "L", "LA")
+
+
 def _pil_array(image: Image.Image) -> np.ndarray:
     """[H, W] or [H, W, 3] array of a PIL image; alpha and palettes are dropped (cells have no alpha)."""
-    if image.mode in ("I;16", "I;16L", "I;16B", "I"):
-        # 16-bit grey PNGs open as 'I;16' or 'I' (int32) depending on Pillow: both hold 0..65535
+    if image.mode in PIL_GREY16_MODES:
         return np.asarray(image).astype(np.uint16)
-    if image.mode in ("1", "L", "LA"):
+    if image.mode in PIL_GREY_MODES:
         return np.asarray(image.convert("L"))
     return np.asarray(image.convert("RGB"))
 
 
+def pil_channels_and_dtype(mode: str) -> tuple:
+    """(channels, dtype name) that read_pil_chw gives for a PIL image `mode`, known from the header alone."""
+    if mode in PIL_GREY16_MODES:
+        return 1, "uint16"
+    return (1, "uint8") if mode in PIL_GREY_MODES else (3, "uint8")
+
+
 def to_unit_float(array: np.ndarray, path: Path) -> torch.Tensor:
     """Scale by dtype (uint8 /255, uint16 /65535, float as is) -> contiguous float32 tensor."""
-    kind, itemsize = array.dtype.kind, array.dtype.itemsize  # kind/itemsize also cover big-endian files
-    if kind == "u" and itemsize in (1, 2):
-        scaled = array.astype(np.float32) / np.float32(255 if itemsize == 1 else 65535)
-    elif kind == "f":
+    check_pixel_type(array.dtype, path)
+    if array.dtype.kind == "u":
+        scaled = array.astype(np.float32) / np.float32(255 if array.dtype.itemsize == 1 else 65535)
+    else:
         scaled = array.astype(np.float32)
         if not np.isfinite(scaled).all():  # NaN/inf pixels would only surface later as a non-finite loss
             raise DataError(f"{path}: image holds NaN or infinite values; expected finite pixel values")
-    else:
-        raise DataError(f"{path}: unsupported pixel type {array.dtype}; expected uint8, uint16 or float")
     return torch.from_numpy(np.ascontiguousarray(scaled))
+
+
+def check_pixel_type(dtype, path) -> None:
+    """DataError naming `path` unless `dtype` is uint8, uint16 or a float (what to_unit_float scales)."""
+    dtype = np.dtype(dtype)
+    kind, itemsize = dtype.kind, dtype.itemsize  # kind/itemsize also cover big-endian files
+    if not ((kind == "u" and itemsize in (1, 2)) or kind == "f"):
+        raise DataError(f"{path}: unsupported pixel type {dtype}; expected uint8, uint16 or float")
 
 
 def check_image(image: torch.Tensor, path, in_chans: int, min_side: int) -> None:
     """Raise DataError naming `path` if `image` [C, H, W] has the wrong channel count or is too small."""
-    channels, height, width = image.shape
+    check_shape(tuple(image.shape), path, in_chans, min_side)
+
+
+def check_shape(shape, path, in_chans: int, min_side: int) -> None:
+    """check_image on a (C, H, W) shape alone (as a file's header gives it)."""
+    channels, height, width = shape
     if channels != in_chans:
         raise DataError(f"{path}: image has {channels} channel(s) but --in_chans is {in_chans}{tiff_layout(path)}")
     if min(height, width) < min_side:

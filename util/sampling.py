@@ -121,15 +121,15 @@ def ignore_stop_signals_in_worker(worker_id: int) -> None:
 
 
 def resumable_loader(dataset, batch_size: int, num_workers: int, seed: int, world_size: int, rank: int,
-                     pin_memory: bool, drop_last_sampler: bool = False) -> torch.utils.data.DataLoader:
+                     pin_memory: bool, drop_last_sampler: bool = False, collate_fn=None) -> torch.utils.data.DataLoader:
     """Shuffled, drop-last training loader whose sampler can start mid-epoch and whose items are seeded per sample.
 
     `loader.sampler.set_epoch(epoch, start_step)` before each epoch; `loader.sampler.steps_per_epoch` is the length
-    of a full epoch.
+    of a full epoch. collate_fn: the dataset's own batching (e.g. encoded JPEG bytes), default torch's.
     """
     sampler = ResumableSampler(dataset, batch_size, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
                                drop_last=drop_last_sampler)
     return torch.utils.data.DataLoader(
         SeededSamples(dataset), sampler=sampler, batch_size=batch_size, num_workers=num_workers,
-        pin_memory=pin_memory, drop_last=True, persistent_workers=num_workers > 0,
+        pin_memory=pin_memory, drop_last=True, persistent_workers=num_workers > 0, collate_fn=collate_fn,
         worker_init_fn=ignore_stop_signals_in_worker if num_workers > 0 else None)
