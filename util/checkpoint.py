@@ -276,6 +276,43 @@ def peek_checkpoint(path) -> dict:
             "epoch": checkpoint.get("epoch"), "step": checkpoint.get("step")}
 
 
+def saved_args(path, tolerant: bool = False) -> dict:
+    """The flags a checkpoint was trained with ({} for a file without them, e.g. an exported encoder). tolerant:
+    also {} for a missing or unreadable file (the caller's own loading reports it with its own words)."""
+    try:
+        return peek_checkpoint(path)["args"] or {}
+    except CheckpointError:
+        if tolerant:
+            return {}
+        raise
+
+
+def fill_from_checkpoint(args, defaults: dict, checkpoint_args: dict, source: str = "", strict: bool = False):
+    """Checkpoints describe themselves: each flag of `defaults` left out of the command (None) takes the
+    checkpoint's value, else its default. strict (evaluating or resuming that very checkpoint): a flag given with
+    another value than the checkpoint's is a ConfigError naming both, instead of a state-dict size mismatch."""
+    for key, default in defaults.items():
+        given, stored = getattr(args, key, None), checkpoint_args.get(key)
+        if given is None:
+            setattr(args, key, stored if stored is not None else default)
+        elif strict and stored is not None and given != stored:
+            raise ConfigError(f"--{key} {given} disagrees with {source}, which was trained with --{key} {stored}; "
+                              f"leave --{key} out to use the checkpoint's")
+
+
+def describing_checkpoint(args):
+    """(path, strict): the checkpoint whose flags fill the model flags a training command leaves out: --resume
+    (strict), else <output_dir>/checkpoint.pth, which the command will continue if its run matches (not strict:
+    the run-identity check reports differences), else None."""
+    if getattr(args, "resume", None):
+        return args.resume, True
+    output_dir = getattr(args, "output_dir", None)
+    candidate = Path(output_dir) / ROLLING_CHECKPOINT if output_dir else None
+    if candidate is not None and candidate.is_file() and not getattr(args, "overwrite", False):
+        return str(candidate), False
+    return None, False
+
+
 SET_ASIDE_PREFIX = "replaced_"
 
 
