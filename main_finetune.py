@@ -25,13 +25,13 @@ import util.misc as misc
 from engine_finetune import PRINT_FREQ, evaluate, train_one_epoch
 from util.channels import (add_channel_name_args, check_data_channels, data_channel_names,
                            read_checkpoint_description)
-from util.checkpoint import (add_resume_args, check_save_schedule, find_resume_checkpoint, resume, run_identity,
-                              run_is_finished, save_model)
+from util.checkpoint import (add_resume_args, check_save_schedule, describing_checkpoint, fill_from_checkpoint,
+                              find_resume_checkpoint, resume, run_identity, run_is_finished, save_model, saved_args)
 from util.cli import add_bool_flag, run_tool
 from util.convert import load_pretrained_encoder
 from util.datasets import build_finetune_dataset
 from util.errors import ConfigError, DataError
-from util.imagenet import DEFAULT_IN_CHANS, add_finetune_augment_args, add_recipe_arg, resolve_recipe
+from util.imagenet import add_finetune_augment_args, add_recipe_arg, recipe_in_chans, resolve_recipe
 from util.lr_sched import resolve_lr
 from util.normalize import add_normalize_args, check_percentiles, describe, is_percentile
 from util.output import exclusive_output_dir, prepare_output_dir
@@ -42,20 +42,33 @@ from util.sampling import resumable_loader
 DEFAULT_SYNTHETIC_SIZE = 2000
 
 
+# The model flags a checkpoint answers when the command leaves them out (--resume / --eval: that checkpoint, whose
+# values a given flag must match; a restarted run: its own checkpoint.pth; --finetune: the pretraining run's arch,
+# patch size, channels and recipe); the values here apply when there is no checkpoint to ask.
+MODEL_DEFAULTS = dict(arch="main_vit_tiny", img_size=128, patch_size=16, in_chans=None, global_pool=True,
+                      recipe="cells")
+FROM_PRETRAINING = ("arch", "patch_size", "in_chans", "recipe")  # img_size may differ: pos_embed is resampled
+
+
 def add_model_args(parser):
-    parser.add_argument("--arch", default="main_vit_tiny", choices=sorted(models_dama.ARCH_CONFIGS),
-                        help="encoder size; the same name as the pretraining run")
-    parser.add_argument("--img_size", default=128, type=int, help="fine-tuning image size (pos_embed is resampled)")
-    parser.add_argument("--patch_size", default=16, type=int)
-    parser.add_argument("--in_chans", default=DEFAULT_IN_CHANS, type=int,
-                        help="image channels (default: 7, the brain-cell TIFFs; 3 with --recipe imagenet)")
+    parser.add_argument("--arch", default=None,
+                        help=f"encoder size, the same name as the pretraining run, one of "
+                             f"{sorted(models_dama.ARCH_CONFIGS)} (default: the checkpoint's, else main_vit_tiny)")
+    parser.add_argument("--img_size", default=None, type=int,
+                        help="fine-tuning image size; pos_embed is resampled from the pretraining size (default: "
+                             "the checkpoint's when resuming or evaluating, else 128)")
+    parser.add_argument("--patch_size", default=None, type=int,
+                        help="patch side in pixels (default: the checkpoint's, else 16)")
+    parser.add_argument("--in_chans", default=None, type=int,
+                        help="image channels (default: the checkpoint's, else 7 for the brain-cell data, 3 with "
+                             "--recipe imagenet)")
     parser.add_argument("--num_classes", default=None, type=int,
-                        help="number of classes (default: the number of class folders found)")
+                        help="number of classes (default: the number of classes found in the data)")
     parser.add_argument("--drop_path", default=0.1, type=float, help="stochastic depth rate")
-    add_bool_flag(parser, "global_pool", True, help="classify from the mean of the patch tokens -> fc_norm (default "
-                                                    "on); --no_global_pool: from the final-normed cls token")
+    add_bool_flag(parser, "global_pool", None, help="classify from the mean of the patch tokens -> fc_norm "
+                                                    "(default: the checkpoint's, else on)")
     parser.add_argument("--cls_token", action="store_false", dest="global_pool",
-                        help="the same as --no_global_pool (MAE's spelling)")
+                        help="the same as --no_global_pool (MAE's spelling): classify from the final-normed cls token")
 
 
 def add_optimizer_args(parser):
@@ -133,6 +146,19 @@ def get_args_parser():
     return parser
 
 
+def describe_model(args) -> None:
+    """Fill the model flags the command left out from the checkpoint that describes this run (MODEL_DEFAULTS)."""
+    path, strict = describing_checkpoint(args)
+    if path:
+        fill_from_checkpoint(args, MODEL_DEFAULTS, saved_args(path), f"checkpoint {path}", strict)
+    elif args.finetune:  # a missing or unreadable file is reported when it is loaded
+        pretraining = saved_args(args.finetune, tolerant=True)
+        fill_from_checkpoint(args, {k: MODEL_DEFAULTS[k] for k in FROM_PRETRAINING}, pretraining)
+    fill_from_checkpoint(args, MODEL_DEFAULTS, {})
+    if args.in_chans is None:
+        args.in_chans = recipe_in_chans(args.recipe)
+
+
 def resolve_defaults(args):
     """Fill the defaults that depend on other flags."""
     if args.amp_dtype is None:
@@ -161,6 +187,17 @@ def check_num_classes(args, dataset_train, dataset_val) -> int:
         raise DataError(f"--num_classes {args.num_classes} disagrees with the {len(train_classes)} classes "
                         f"found in the data ({train_classes}); drop --num_classes or fix the data")
     return len(train_classes)
+
+
+def check_class_names(args, classes: list) -> list:
+    """The data's class names, which must be those (in that order) of the checkpoint being resumed or evaluated:
+    otherwise every class index would mean another class."""
+    trained = saved_args(args.resume).get("class_names") if args.resume else None
+    if trained and list(trained) != classes:
+        raise DataError(f"the data's classes {classes} (under --data_path {args.data_path or args.dataset}) differ "
+                        f"from those checkpoint {args.resume} was trained on, {list(trained)}; evaluate it on data "
+                        f"with the same classes")
+    return classes
 
 
 class ShardSampler(torch.utils.data.Sampler):
@@ -361,6 +398,7 @@ def setup(args, identity: dict, make_model=build_finetune_model, make_optimizer=
 
     dataset_train, dataset_val = build_datasets(args)
     num_classes = check_num_classes(args, dataset_train, dataset_val)
+    args.class_names = check_class_names(args, list(dataset_train.classes))  # stored in every checkpoint
     # --skip_bad_files: how many the header check left out, logged in this run's first log.txt line
     args.skipped_bad_files = sum(getattr(d, "skipped_bad_files", 0) for d in (dataset_train, dataset_val))
     print(f"train: {len(dataset_train)} images, val: {len(dataset_val)} images, {num_classes} classes")
@@ -386,7 +424,8 @@ def setup(args, identity: dict, make_model=build_finetune_model, make_optimizer=
 
 def main(args, setup_fn=setup):
     """--eval: one evaluation pass; otherwise the training loop. setup_fn: main_linprobe.py's setup."""
-    identity = run_identity(args)  # the flags as given, before defaults and the lr are filled in
+    describe_model(args)  # arch, sizes, channels, pooling and recipe from the checkpoint when left out
+    identity = run_identity(args)  # the flags as given, before the other defaults and the lr are filled in
     resolve_defaults(args)
     misc.init_distributed_mode(args)
     if args.eval:

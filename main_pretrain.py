@@ -16,14 +16,14 @@ from torchvision.transforms import v2
 import models_dama
 import util.misc as misc
 from engine_pretrain import train_one_epoch
-from util.checkpoint import (add_resume_args, check_save_schedule, find_resume_checkpoint, resume, run_identity,
-                              run_is_finished, save_model)
+from util.checkpoint import (add_resume_args, check_save_schedule, describing_checkpoint, fill_from_checkpoint,
+                              find_resume_checkpoint, resume, run_identity, run_is_finished, save_model, saved_args)
 from util.channels import add_channel_name_args, data_channel_names
 from util.cli import add_bool_flag, run_tool
 from util.datasets import build_pretrain_dataset, data_root, dataset_kind
 from util.errors import ConfigError, DataError
 from util.gpu_augment import GPUAugment, build_gpu_pretrain_dataset
-from util.imagenet import (DEFAULT_IN_CHANS, DeviceDecode, add_recipe_arg, build_encoded_pretrain_dataset,
+from util.imagenet import (DeviceDecode, add_recipe_arg, build_encoded_pretrain_dataset, recipe_in_chans,
                            resolve_recipe)
 from util.knn import KnnMonitor, add_knn_args
 from util.lr_decay import param_groups_weight_decay
@@ -40,12 +40,16 @@ from util.visualize import write_training_figure
 def get_args_parser():
     parser = argparse.ArgumentParser("DAMA pretraining", add_help=False)
     # Model
-    parser.add_argument("--arch", default="main_vit_base", type=str,
-                        help=f"model name, one of {sorted(models_dama.ARCH_CONFIGS)} (mae_*: the MAE baseline)")
-    parser.add_argument("--img_size", default=224, type=int, help="input side in pixels (paper: 128)")
-    parser.add_argument("--patch_size", default=16, type=int)
-    parser.add_argument("--in_chans", default=DEFAULT_IN_CHANS, type=int,
-                        help="image channels (default: 7, the brain-cell data; 3 with --recipe imagenet)")
+    parser.add_argument("--arch", default=None, type=str,
+                        help=f"model name, one of {sorted(models_dama.ARCH_CONFIGS)} (mae_*: the MAE baseline; "
+                             f"default: the checkpoint's when resuming, else main_vit_base)")
+    parser.add_argument("--img_size", default=None, type=int,
+                        help="input side in pixels (paper: 128; default: the checkpoint's when resuming, else 224)")
+    parser.add_argument("--patch_size", default=None, type=int,
+                        help="patch side in pixels (default: the checkpoint's when resuming, else 16)")
+    parser.add_argument("--in_chans", default=None, type=int,
+                        help="image channels (default: the checkpoint's when resuming, else 7 for the brain-cell "
+                             "data, 3 with --recipe imagenet)")
     parser.add_argument("--mask_ratio", default=0.8, type=float, help="fraction of patches each student hides")
     parser.add_argument("--mask_overlap_ratio", default=0.5, type=float,
                         help="fraction of student 1's visible patches that student 2 also sees")
@@ -66,9 +70,12 @@ def get_args_parser():
                         help="train the reconstruction losses only for this many first epochs")
     # The reference decoder (512 wide, 8 blocks, 16 heads) dominates the cost of small models: smaller
     # decoders make CPU tests and quick experiments cheap.
-    parser.add_argument("--decoder_embed_dim", default=512, type=int, help="decoder width (reference: 512)")
-    parser.add_argument("--decoder_depth", default=8, type=int, help="decoder blocks (reference: 8)")
-    parser.add_argument("--decoder_num_heads", default=16, type=int, help="decoder heads (reference: 16)")
+    parser.add_argument("--decoder_embed_dim", default=None, type=int,
+                        help="decoder width (default: the checkpoint's when resuming, else 512 as the reference)")
+    parser.add_argument("--decoder_depth", default=None, type=int,
+                        help="decoder blocks (default: the checkpoint's when resuming, else 8 as the reference)")
+    parser.add_argument("--decoder_num_heads", default=None, type=int,
+                        help="decoder heads (default: the checkpoint's when resuming, else 16 as the reference)")
     # Optimisation
     parser.add_argument("--batch_size", default=64, type=int, help="images per GPU per step")
     parser.add_argument("--epochs", default=500, type=int)
@@ -121,6 +128,20 @@ def get_args_parser():
     add_knn_args(parser)
     misc.add_distributed_args(parser)
     return parser
+
+
+# The model flags a checkpoint answers when the command leaves them out (--resume: that checkpoint, whose values a
+# given flag must match; a restarted run: its own checkpoint.pth); the values here apply without a checkpoint.
+MODEL_DEFAULTS = dict(arch="main_vit_base", img_size=224, patch_size=16, in_chans=None, decoder_embed_dim=512,
+                      decoder_depth=8, decoder_num_heads=16, recipe="cells")
+
+
+def describe_model(args) -> None:
+    """Fill the model flags the command left out from the checkpoint that describes this run (MODEL_DEFAULTS)."""
+    path, strict = describing_checkpoint(args)
+    fill_from_checkpoint(args, MODEL_DEFAULTS, saved_args(path) if path else {}, f"checkpoint {path}", strict)
+    if args.in_chans is None:
+        args.in_chans = recipe_in_chans(args.recipe)
 
 
 def resolve_defaults(args):
@@ -183,7 +204,8 @@ def build_loader(dataset, args):
 
 
 def main(args):
-    identity = run_identity(args)  # the flags as given, before defaults and the lr are filled in
+    describe_model(args)  # arch, sizes, channels and recipe from the checkpoint when left out
+    identity = run_identity(args)  # the flags as given, before the other defaults and the lr are filled in
     misc.init_distributed_mode(args)
     resolve_defaults(args)
     prepare_output_dir(args.output_dir)

@@ -99,7 +99,10 @@ def test_is_momentum_is_an_alias_for_student_2():
 @pytest.mark.parametrize("flags,global_pool", [([], True), (["--global_pool"], True), (["--no_global_pool"], False),
                                                (["--cls_token"], False)])
 def test_global_pool_is_a_switch(flags, global_pool):
-    args = main_finetune.get_args_parser().parse_args(flags + ["--img_size", "32", "--patch_size", "8"])
+    args = main_finetune.get_args_parser().parse_args(flags + ["--img_size", "32", "--patch_size", "8",
+                                                               "--device", "cpu"])
+    main_finetune.describe_model(args)  # no checkpoint: the defaults
+    main_finetune.resolve_defaults(args)
     assert args.global_pool is global_pool
     model = main_finetune.build_model(args, num_classes=3)
     assert models_vit.uses_fc_norm(model) is global_pool  # pooled patch tokens -> fc_norm, or the normed cls token

@@ -163,6 +163,8 @@ def test_folder_percentile_normalisation_is_stored_and_applied_unchanged(tmp_pat
     flags = [*TINY, "--val_crop", "32", "--data_path", str(other), "--finetune", str(out / "checkpoint.pth"),
              "--output_dir", str(tmp_path / "ft"), "--channel_names", names]
     ft_args = main_finetune.get_args_parser().parse_args(flags)
+    main_finetune.describe_model(ft_args)  # what main_finetune.main does first: arch, channels, ... from --finetune
+    main_finetune.resolve_defaults(ft_args)
     train, val = main_finetune.build_datasets(ft_args)
     assert ft_args.normalization == recipe and train.normalization == recipe and val.normalization == recipe
     path = val.samples[0][0]

@@ -182,11 +182,12 @@ def load_checkpoint(path, map_location="cpu") -> dict:
 
 
 # Settings that do not change what a run computes: a run may be continued with other values of these (more
-# --epochs, another machine, more GPUs with the lr following the effective batch, other logging, ...).
+# --epochs, another machine, more GPUs with the lr following the effective batch, other logging, augmentation on
+# the GPU instead of the workers (the same distributions), ...).
 RUNTIME_SETTINGS = frozenset({
     "epochs", "start_epoch", "resume", "overwrite", "output_dir", "log_dir", "device", "num_workers", "pin_mem",
     "world_size", "rank", "local_rank", "distributed", "dist_backend", "dist_url", "dist_on_itp", "gpu",
-    "amp_dtype", "compile", "print_freq", "save_freq", "save_every_steps", "save_every_minutes", "vis_freq",
+    "amp_dtype", "compile", "gpu_augment", "decode", "print_freq", "save_freq", "save_every_steps", "save_every_minutes", "vis_freq",
     "vis_num_images", "knn_freq", "knn_data_path", "knn_k", "knn_temperature", "knn_pool", "knn_val_crop", "eval",
     "dist_eval", "start_step", "skip_bad_files",
     # submitit launcher flags (util/launch.py)

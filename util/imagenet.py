@@ -40,22 +40,17 @@ DEFAULT_AA = "rand-m9-mstd0.5-inc1"
 DEVICE_DECODED_LAYOUTS = ("JPEG RGB", "JPEG L")  # what --decode gpu hands to decode_jpeg (header layouts)
 
 
-class DefaultChannels(int):
-    """The --in_chans default: 7, an int, so that code reading the parsed flags before resolve_recipe sees the
-    cell recipe's value; resolve_recipe turns it into 3 under --recipe imagenet. A given --in_chans is a plain
-    int, so an explicit value the recipe cannot take is an error rather than silently replaced."""
-
-
-DEFAULT_IN_CHANS = DefaultChannels(7)
+CELL_IN_CHANS = 7  # the --in_chans default of the cell recipe (the brain-cell panel); imagenet: 3
 
 
 # --------------------------------------------------------------------------------------------------
 # Flags
 # --------------------------------------------------------------------------------------------------
 def add_recipe_arg(parser):
-    parser.add_argument("--recipe", default="cells", choices=RECIPES,
+    parser.add_argument("--recipe", default=None, choices=RECIPES,
                         help="cells: the reference's cell augmentation, no normalisation; imagenet: MAE's ImageNet "
-                             "recipe on RGB image folders, see util/imagenet.py (default: %(default)s)")
+                             "recipe on RGB image folders, see util/imagenet.py (default: the checkpoint's, else "
+                             "cells)")
     return parser
 
 
@@ -72,14 +67,19 @@ def add_finetune_augment_args(parser):
     return parser
 
 
+def recipe_in_chans(recipe) -> int:
+    """The --in_chans a recipe implies when the flag is left out: 3 for imagenet, 7 for the cell data."""
+    return 3 if recipe == "imagenet" else CELL_IN_CHANS
+
+
 def resolve_recipe(args) -> None:
     """--in_chans defaults to 7 (cells) or 3 (imagenet); args.mean / args.std are the recipe's normalisation
     (None for cells: raw intensities). ConfigError for flags the recipe cannot take."""
-    recipe = getattr(args, "recipe", "cells")
+    recipe = args.recipe = getattr(args, "recipe", None) or "cells"
     in_chans = getattr(args, "in_chans", None)
-    if in_chans is None or isinstance(in_chans, DefaultChannels):
-        in_chans = 3 if recipe == "imagenet" else DEFAULT_IN_CHANS
-    args.in_chans = int(in_chans)  # a plain int in the checkpoint's args
+    if in_chans is None:  # left out (and not taken from a checkpoint): the recipe's
+        in_chans = recipe_in_chans(recipe)
+    args.in_chans = int(in_chans)
     args.mean = args.std = None
     if recipe != "imagenet":
         if getattr(args, "decode", "cpu") == "gpu":
