@@ -11,9 +11,9 @@ import torch
 from torch.utils.data import Dataset
 
 from util.errors import DataError
-from util.io import IMAGE_EXTENSIONS, check_image, read_image
+from util.io import IMAGE_EXTENSIONS, check_image, read_tensor_chw
 from util.synthetic import CELL_TYPES, SyntheticCells
-from util.transforms import (DEFAULT_VAL_CROP, TensorTransform, build_finetune_transform,
+from util.transforms import (DEFAULT_VAL_CROP, TensorTransform, augmentation_options, build_finetune_transform,
                              build_pretrain_transform)
 
 DEFAULT_SYNTHETIC_SIZE = 1000
@@ -39,9 +39,10 @@ class ImageFileDataset(Dataset):
         return len(self.samples)
 
     def load(self, index: int) -> torch.Tensor:
-        """The checked, untransformed image [C, H, W] of sample `index`."""
+        """The checked, untransformed image [C, H, W] of sample `index` (uint8 / uint16 as stored, else float32:
+        the transform converts and scales; util.io.read_tensor_chw)."""
         path, _ = self.samples[index]
-        image = read_image(path)
+        image = read_tensor_chw(path)
         check_image(image, path, self.in_chans, self.transform.min_side)
         return image
 
@@ -157,7 +158,7 @@ def build_pretrain_dataset(args) -> Dataset:
     itself; the first file is read and checked now, so that a wrong --in_chans or a too-small image
     fails before training starts. synthetic: `args.synthetic_size` SyntheticCells with `args.seed`.
     """
-    transform = build_pretrain_transform(args.img_size)
+    transform = build_pretrain_transform(args.img_size, **augmentation_options(args))
     if dataset_kind(args) == "synthetic":
         return SyntheticCells(synthetic_size(args), args.img_size, args.in_chans, seed=args.seed,
                               split="train", transform=transform)
@@ -176,11 +177,12 @@ def build_finetune_dataset(is_train: bool, args) -> Dataset:
     """
     val_crop = int(getattr(args, "val_crop", None) or DEFAULT_VAL_CROP)
     if dataset_kind(args) == "synthetic":
-        transform = build_finetune_transform(is_train, args.img_size, min(val_crop, args.img_size))
+        transform = build_finetune_transform(is_train, args.img_size, min(val_crop, args.img_size),
+                                             **augmentation_options(args))
         size = synthetic_size(args) if is_train else max(synthetic_size(args) // 4, len(CELL_TYPES))
         return SyntheticCells(size, args.img_size, args.in_chans, seed=args.seed,
                               split="train" if is_train else "val", transform=transform)
-    transform = build_finetune_transform(is_train, args.img_size, val_crop)
+    transform = build_finetune_transform(is_train, args.img_size, val_crop, **augmentation_options(args))
     samples, classes = finetune_samples(data_root(args), is_train)
     return checked(ImageFileDataset(samples, classes, args.in_chans, transform))
 
@@ -189,3 +191,17 @@ def checked(dataset: ImageFileDataset) -> ImageFileDataset:
     """Read and check the first file now (channels vs --in_chans, size vs the crop); returns `dataset`."""
     dataset.load(0)
     return dataset
+
+
+def build_finetune_test_dataset(args, classes) -> Dataset:
+    """The held-out <data_path>/test/<class>/ split with the validation transform (labels by `classes`, the
+    training class list), or None when the data has no test split (the synthetic set has none)."""
+    if dataset_kind(args) != "folder" or not (data_root(args) / "test").is_dir():
+        return None
+    folder = data_root(args) / "test"
+    samples = image_folder_samples(folder, list(classes))
+    if not samples:
+        raise no_images_error(folder)
+    val_crop = int(getattr(args, "val_crop", None) or DEFAULT_VAL_CROP)
+    return checked(ImageFileDataset(samples, classes, args.in_chans, build_finetune_transform(False, args.img_size,
+                                                                                             val_crop)))
