@@ -23,12 +23,13 @@ import models_vit
 import util.lr_decay as lrd
 import util.misc as misc
 from engine_finetune import evaluate, train_one_epoch
-from util.checkpoint import find_resume_checkpoint, resume, save_model
+from util.checkpoint import find_resume_checkpoint, load_checkpoint, load_model_strict, resume, save_model
 from util.cli import add_bool_flag, run_tool
 from util.convert import load_pretrained_encoder
-from util.datasets import build_finetune_dataset
+from util.datasets import build_finetune_dataset, build_finetune_test_dataset
 from util.errors import ConfigError, DataError
 from util.lr_sched import resolve_lr
+from util.transforms import add_augmentation_flags, augmentation_options
 
 # big enough that ViT-T learns the synthetic cell types in a few CPU epochs, small enough to take minutes
 DEFAULT_SYNTHETIC_SIZE = 2000
@@ -73,6 +74,7 @@ def add_augmentation_args(parser):
     parser.add_argument("--mixup_prob", default=1.0, type=float, help="probability of mixup or cutmix per batch")
     parser.add_argument("--mixup_switch_prob", default=0.5, type=float, help="probability of cutmix over mixup")
     parser.add_argument("--mixup_mode", default="batch", choices=("batch", "pair", "elem"))
+    add_augmentation_flags(parser)  # --crop_scale, --rotation, --max_shift of the training images
 
 
 def add_checkpoint_args(parser):
@@ -92,7 +94,8 @@ def add_checkpoint_args(parser):
 def add_data_args(parser):
     parser.add_argument("--dataset", default="folder", choices=("folder", "synthetic"),
                         help="folder: <data_path>/{train,val}/<class>/*; synthetic: built-in cells")
-    parser.add_argument("--data_path", default="", help="dataset root with train/ and val/")
+    parser.add_argument("--data_path", default="", help="dataset root with train/ and val/ (and optionally test/: "
+                                                          "the epoch is then chosen on val and test scored once)")
     parser.add_argument("--synthetic_size", default=DEFAULT_SYNTHETIC_SIZE, type=int,
                         help="training images of --dataset synthetic")
     parser.add_argument("--val_crop", default=48, type=int, help="centre crop of validation images before resize")
@@ -122,6 +125,7 @@ def resolve_defaults(args):
         args.log_dir = args.output_dir
     if args.accum_iter < 1:
         raise ConfigError(f"--accum_iter must be >= 1, got {args.accum_iter}")
+    augmentation_options(args)  # --crop_scale, --rotation, --max_shift
 
 
 def mixup_active(args) -> bool:
@@ -153,9 +157,10 @@ class ShardSampler(torch.utils.data.Sampler):
         return len(self.indices)
 
 
-def build_loaders(args, dataset_train, dataset_val):
+def build_loaders(args, dataset_train, dataset_val, keep_last_batch: bool = False):
     """Train: DistributedSampler always (a fresh order per epoch via set_epoch), drop_last (mixup needs even
-    batches). Val: sharded with --dist_eval, else every rank reads the whole set in order."""
+    batches) unless keep_last_batch (the linear probe; a last batch of one image is still dropped, BatchNorm needs
+    two). Val: sharded with --dist_eval, else every rank reads the whole set in order. Prints the steps per epoch."""
     world_size, rank = misc.get_world_size(), misc.get_rank()
     sampler_train = torch.utils.data.DistributedSampler(
         dataset_train, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
@@ -165,13 +170,17 @@ def build_loaders(args, dataset_train, dataset_val):
         sampler_val = torch.utils.data.SequentialSampler(dataset_val)
     common = dict(num_workers=args.num_workers, pin_memory=args.pin_mem and str(args.device).startswith("cuda"),
                   persistent_workers=args.num_workers > 0)
+    drop_last = not keep_last_batch or len(sampler_train) % args.batch_size == 1
     loader_train = torch.utils.data.DataLoader(dataset_train, sampler=sampler_train, batch_size=args.batch_size,
-                                               drop_last=True, **common)
+                                               drop_last=drop_last, **common)
     loader_val = torch.utils.data.DataLoader(dataset_val, sampler=sampler_val, batch_size=args.batch_size,
                                              drop_last=False, **common)
     if len(loader_train) == 0:
         raise DataError(f"{len(dataset_train)} training images are fewer than one batch of {args.batch_size} "
                         f"x {world_size} processes; lower --batch_size")
+    dropped = len(sampler_train) - len(loader_train) * args.batch_size if drop_last else 0
+    print(f"{len(loader_train)} steps per epoch: {len(sampler_train)} training images per process in batches of "
+          f"{args.batch_size}" + (f", the last {dropped} dropped" if dropped else ""))
     return loader_train, loader_val
 
 
@@ -241,9 +250,24 @@ def save_epoch_checkpoints(args, epoch, model_without_ddp, optimizer, loss_scale
         save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, name="checkpoint-best", extra=extra)
 
 
-def epoch_log_line(epoch, train_stats, test_stats, n_parameters) -> dict:
+def epoch_log_line(epoch, train_stats, test_stats, n_parameters, eval_prefix="test") -> dict:
+    """eval_prefix 'test' (MAE's name for the per-epoch evaluation of val/), or 'val' when a test split is held out."""
     return {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
-            **{f"test_{k}": v for k, v in test_stats.items()}, "n_parameters": n_parameters}
+            **{f"{eval_prefix}_{k}": v for k, v in test_stats.items()}, "n_parameters": n_parameters}
+
+
+def score_test_split(args, model_without_ddp, loader_test, num_classes) -> dict:
+    """The held-out test split scored once, with the weights of checkpoint-best.pth (the best val epoch)."""
+    path = os.path.join(args.output_dir, "checkpoint-best.pth")
+    if args.distributed:
+        torch.distributed.barrier()  # rank 0 wrote the file
+    best = load_checkpoint(path)
+    load_model_strict(model_without_ddp, best["model"], path)
+    stats = evaluate(loader_test, model_without_ddp, args.device, args.amp_dtype, num_classes,
+                     sharded=args.dist_eval)
+    print(f"Test accuracy at the best val epoch {best['epoch']} ({path}): {stats['acc1']:.2f}% on "
+          f"{len(loader_test.dataset)} test images (scored once)")
+    return {**{f"test_{k}": v for k, v in stats.items()}, "test_scored_at_epoch": best["epoch"]}
 
 
 def log_test_scalars(log_writer, test_stats, epoch):
@@ -255,8 +279,13 @@ def log_test_scalars(log_writer, test_stats, epoch):
 
 
 def train(args, model, model_without_ddp, loaders, criterion, mixup_fn, optimizer, loss_scaler,
-          num_classes, max_accuracy):
-    """Epoch loop: train, evaluate, checkpoint, log. Returns the best top-1."""
+          num_classes, max_accuracy, loader_test=None):
+    """Epoch loop: train, evaluate, checkpoint, log. Returns the best top-1 on val.
+
+    The best epoch is chosen on val (top-1, ties to the later epoch). With loader_test (a held-out test split) the
+    per-epoch lines log val_*, and the test split is scored once at the end with checkpoint-best.pth: test_* in
+    the final line. Without one the per-epoch keys are MAE's test_* (measured on val), and the final line says so.
+    """
     loader_train, loader_val = loaders
     log_writer = build_log_writer(args)
     n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
@@ -274,19 +303,34 @@ def train(args, model, model_without_ddp, loaders, criterion, mixup_fn, optimize
         print(f"Max accuracy: {max_accuracy:.2f}%")
         save_epoch_checkpoints(args, epoch, model_without_ddp, optimizer, loss_scaler, max_accuracy, improved)
         log_test_scalars(log_writer, test_stats, epoch)
-        misc.append_json_log(args.output_dir, epoch_log_line(epoch, train_stats, test_stats, n_parameters))
-    misc.append_json_log(args.output_dir, {"max_accuracy": max_accuracy})
+        misc.append_json_log(args.output_dir, epoch_log_line(epoch, train_stats, test_stats, n_parameters,
+                                                             "val" if loader_test is not None else "test"))
+    final = {"max_accuracy": max_accuracy, "selected_on": "val"}  # the set max_accuracy was chosen (and measured) on
+    if loader_test is not None:
+        final.update(score_test_split(args, model_without_ddp, loader_test, num_classes))
+    misc.append_json_log(args.output_dir, final)
     if log_writer is not None:
         log_writer.close()
     print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
     return max_accuracy
 
 
-def setup(args, make_model=build_finetune_model, make_optimizer=build_optimizer):
+def build_test_loader(args, dataset_test):
+    """The held-out test split (or None), read like val."""
+    if dataset_test is None:
+        return None
+    sampler = ShardSampler(len(dataset_test), misc.get_rank(), misc.get_world_size()) if args.dist_eval else \
+        torch.utils.data.SequentialSampler(dataset_test)
+    return torch.utils.data.DataLoader(dataset_test, sampler=sampler, batch_size=args.batch_size,
+                                       num_workers=args.num_workers, drop_last=False)
+
+
+def setup(args, make_model=build_finetune_model, make_optimizer=build_optimizer, keep_last_batch=False):
     """Everything before the first step; errors here are the user's flags or files.
 
     make_model(args, num_classes) and make_optimizer(args, model_without_ddp) are what main_linprobe.py
-    replaces (a frozen encoder, a head-only optimiser); everything else is shared.
+    replaces (a frozen encoder, a head-only optimiser), and keep_last_batch (its small data sets); everything
+    else is shared.
     """
     resolve_defaults(args)
     misc.init_distributed_mode(args)
@@ -297,8 +341,14 @@ def setup(args, make_model=build_finetune_model, make_optimizer=build_optimizer)
     dataset_train = build_finetune_dataset(True, args)
     dataset_val = build_finetune_dataset(False, args)
     num_classes = check_num_classes(args, dataset_train, dataset_val)
-    print(f"train: {len(dataset_train)} images, val: {len(dataset_val)} images, {num_classes} classes")
-    loaders = build_loaders(args, dataset_train, dataset_val)
+    dataset_test = build_finetune_test_dataset(args, dataset_train.classes)
+    if dataset_test is not None and not args.output_dir:
+        raise ConfigError("the data has a test split, scored at the end with <output_dir>/checkpoint-best.pth; "
+                          "set --output_dir")
+    print(f"train: {len(dataset_train)} images, val: {len(dataset_val)} images, {num_classes} classes"
+          + (f"; test: {len(dataset_test)} images, scored once at the best val epoch" if dataset_test else
+             "; no test split: the best accuracy is chosen and measured on val"))
+    loaders = build_loaders(args, dataset_train, dataset_val, keep_last_batch)
     criterion, mixup_fn = build_criterion(args, num_classes)
 
     if not args.eval and not args.resume:
@@ -317,7 +367,7 @@ def setup(args, make_model=build_finetune_model, make_optimizer=build_optimizer)
     max_accuracy = float(checkpoint.get("max_accuracy", 0.0)) if checkpoint else 0.0
     return dict(model=model, model_without_ddp=model_without_ddp, loaders=loaders, criterion=criterion,
                 mixup_fn=mixup_fn, optimizer=optimizer, loss_scaler=loss_scaler, num_classes=num_classes,
-                max_accuracy=max_accuracy)
+                max_accuracy=max_accuracy, loader_test=build_test_loader(args, dataset_test))
 
 
 def main(args, setup_fn=setup):
@@ -328,9 +378,14 @@ def main(args, setup_fn=setup):
         test_stats = evaluate(loader_val, run["model_without_ddp"], args.device, args.amp_dtype,
                               run["num_classes"], sharded=args.dist_eval)
         print_eval_accuracy(len(loader_val.dataset), test_stats)
+        if run["loader_test"] is not None:
+            print("test split:", end=" ")
+            print_eval_accuracy(len(run["loader_test"].dataset), evaluate(
+                run["loader_test"], run["model_without_ddp"], args.device, args.amp_dtype, run["num_classes"],
+                sharded=args.dist_eval))
         return test_stats
     return train(args, run["model"], run["model_without_ddp"], run["loaders"], run["criterion"], run["mixup_fn"],
-                 run["optimizer"], run["loss_scaler"], run["num_classes"], run["max_accuracy"])
+                 run["optimizer"], run["loss_scaler"], run["num_classes"], run["max_accuracy"], run["loader_test"])
 
 
 def run_cli(argv=None, parent_parser=None, prog="DAMA fine-tuning", main_fn=main) -> int:

@@ -20,11 +20,15 @@ from util.checkpoint import find_resume_checkpoint, resume, save_model
 from util.cli import add_bool_flag, run_tool
 from util.datasets import build_pretrain_dataset
 from util.errors import ConfigError, DataError
-from util.gpu_augment import GPUAugment, build_gpu_pretrain_dataset
+from util.gpu_augment import build_gpu_augment, build_gpu_pretrain_dataset
 from util.knn import KnnMonitor, add_knn_args
 from util.lr_decay import param_groups_weight_decay
 from util.lr_sched import resolve_lr
-from util.visualize import write_training_figure
+from util.transforms import add_augmentation_flags, augmentation_options
+from util.visualize import parse_channels, write_training_figure
+
+
+INIT_CHECKPOINT = "checkpoint-init.pth"  # --save_init / --epochs 0
 
 
 def get_args_parser():
@@ -39,7 +43,8 @@ def get_args_parser():
     parser.add_argument("--mask_overlap_ratio", default=0.5, type=float,
                         help="fraction of student 1's visible patches that student 2 also sees")
     parser.add_argument("--mask_sampling", default="adaptive", choices=models_dama.MASK_SAMPLINGS,
-                        help="student 2's mask: by student 1's loss (DAMA), at random (DAMA-rand), or 'reference': "
+                        help="student 2's mask: by student 1's loss (DAMA), at random with exactly O patches shared "
+                             "(DAMA-rand), 'independent' (its own uniform mask, about K*K/L shared), or 'reference': "
                              "the reference code's batch-wide overlap defect, for comparison runs")
     parser.add_argument("--last_k_blocks", default=6, type=int,
                         help="student 2's last k blocks averaged into the regression target")
@@ -60,7 +65,8 @@ def get_args_parser():
     parser.add_argument("--decoder_num_heads", default=16, type=int, help="decoder heads (reference: 16)")
     # Optimisation
     parser.add_argument("--batch_size", default=64, type=int, help="images per GPU per step")
-    parser.add_argument("--epochs", default=500, type=int)
+    parser.add_argument("--epochs", default=500, type=int,
+                        help="epochs to train (0: only write the untrained model as checkpoint-init.pth, see --save_init)")
     parser.add_argument("--warmup_epochs", default=40, type=int)
     parser.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps")
     parser.add_argument("--weight_decay", default=0.05, type=float)
@@ -82,6 +88,7 @@ def get_args_parser():
     add_bool_flag(parser, "gpu_augment", False,
                        help="workers only decode and crop; resize, rotation, shift and flips run on the device "
                             "per batch (for fast GPUs, where the CPU augmentation cannot keep up)")
+    add_augmentation_flags(parser)
     # Run
     parser.add_argument("--output_dir", default="./output_dir", help="checkpoints and log.txt")
     parser.add_argument("--log_dir", default=None, help="TensorBoard folder (default: --output_dir)")
@@ -96,6 +103,12 @@ def get_args_parser():
                         help="every N epochs write <output_dir>/vis/recon_epoch<epoch>.png and a TensorBoard "
                              "image of both students' masks and reconstructions (0: off)")
     parser.add_argument("--vis_num_images", default=4, type=int, help="images in each --vis_freq figure")
+    parser.add_argument("--vis_channels", default=None,
+                        help="three channel indices shown as R,G,B in the --vis_freq figures, e.g. 0,3,5 (default: "
+                             "2,3,4 for 7 channels, the first three for 3 to 6, R/G for 2, grey for 1)")
+    add_bool_flag(parser, "save_init", False,
+                  help="write the model as built, before any training, to <output_dir>/checkpoint-init.pth (the "
+                       "random-init baseline: same init, position embeddings and saved args as the trained run)")
     add_knn_args(parser)
     misc.add_distributed_args(parser)
     return parser
@@ -107,8 +120,11 @@ def resolve_defaults(args):
         args.amp_dtype = "bf16" if str(args.device).startswith("cuda") else "none"
     args.log_dir = args.log_dir or args.output_dir
     for flag in ("batch_size", "epochs", "accum_iter", "save_freq", "print_freq", "vis_num_images"):
-        if getattr(args, flag) < 1:
-            raise ConfigError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+        if getattr(args, flag) < (0 if flag == "epochs" else 1):  # --epochs 0: only the initial checkpoint
+            raise ConfigError(f"--{flag} must be at least {0 if flag == 'epochs' else 1}, got {getattr(args, flag)}")
+    augmentation_options(args)  # --crop_scale, --rotation, --max_shift: refused before anything is built
+    if args.vis_channels:
+        parse_channels(args.vis_channels, args.in_chans, "--vis_channels")
 
 
 def build_model(args):
@@ -135,6 +151,17 @@ def build_loader(dataset, args):
     return loader
 
 
+def save_initial_checkpoint(args, model) -> None:
+    """<output_dir>/checkpoint-init.pth: the model as built from --seed, before any step (epoch -1, so resuming from
+    it starts at epoch 0); an existing file is kept (a resumed run must not replace its own starting point)."""
+    path = Path(args.output_dir) / INIT_CHECKPOINT
+    if path.is_file():
+        print(f"Keeping the existing initial checkpoint {path}")
+        return
+    save_model(args, -1, model, None, None, name=INIT_CHECKPOINT)
+    print(f"Wrote the untrained model to {path}")
+
+
 def main(args):
     misc.init_distributed_mode(args)
     resolve_defaults(args)
@@ -144,19 +171,22 @@ def main(args):
     misc.seed_everything(args.seed)
 
     model = build_model(args)  # config errors surface before any data is read
+    if args.save_init or args.epochs == 0:
+        save_initial_checkpoint(args, model)
+        if args.epochs == 0:
+            return
     dataset = build_gpu_pretrain_dataset(args) if args.gpu_augment else build_pretrain_dataset(args)
     print(f"dataset: {len(dataset)} images")
     data_loader = build_loader(dataset, args)
     knn_monitor = KnnMonitor(args) if args.knn_freq > 0 else None  # labelled-data errors surface now
     model.to(device)
-    batch_transform = GPUAugment(args.img_size).to(device) if args.gpu_augment else None
+    batch_transform = build_gpu_augment(args).to(device) if args.gpu_augment else None
     vis_dataset = None  # the --vis_freq figures (rank 0): full-size images, which --gpu_augment's items are not
     if args.vis_freq > 0 and misc.is_main_process():
         vis_dataset = build_pretrain_dataset(args) if args.gpu_augment else dataset
     model_without_ddp = model
     print(f"model: {args.arch}, {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M "
-          f"trainable parameters; {model.num_visible} of {model.num_patches} patches visible per student, "
-          f"{model.num_overlap} shared")
+          f"trainable parameters; {model.mask_summary()}")
 
     eff_batch_size = args.batch_size * args.accum_iter * args.world_size
     resolve_lr(args, args.world_size)
