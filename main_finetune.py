@@ -378,11 +378,10 @@ def main(args, setup_fn=setup):
         test_stats = evaluate(loader_val, run["model_without_ddp"], args.device, args.amp_dtype,
                               run["num_classes"], sharded=args.dist_eval)
         print_eval_accuracy(len(loader_val.dataset), test_stats)
-        if run["loader_test"] is not None:
-            print("test split:", end=" ")
-            print_eval_accuracy(len(run["loader_test"].dataset), evaluate(
-                run["loader_test"], run["model_without_ddp"], args.device, args.amp_dtype, run["num_classes"],
-                sharded=args.dist_eval))
+        if run["loader_test"] is not None:  # the held-out split as well, reported on its own line
+            stats = evaluate(run["loader_test"], run["model_without_ddp"], args.device, args.amp_dtype,
+                             run["num_classes"], sharded=args.dist_eval)
+            print(f"Accuracy on the {len(run['loader_test'].dataset)} images of the test split: {stats['acc1']:.2f}%")
         return test_stats
     return train(args, run["model"], run["model_without_ddp"], run["loaders"], run["criterion"], run["mixup_fn"],
                  run["optimizer"], run["loss_scaler"], run["num_classes"], run["max_accuracy"], run["loader_test"])

@@ -208,3 +208,23 @@ def test_augmentation_options_read_args_and_default_to_the_reference():
 def test_bad_augmentation_values_name_the_flag(options, message):
     with pytest.raises(ConfigError, match=message):
         augmentation_options(Namespace(**options))
+
+
+def test_augmentation_flags_are_saved_in_the_checkpoint_args_and_bad_ones_stop_in_one_line(tmp_path, capsys):
+    import main_pretrain
+    from util.cli import run_tool
+    flags = ["--arch", "main_vit_tiny", "--img_size", "32", "--patch_size", "8", "--decoder_embed_dim", "32",
+             "--decoder_depth", "1", "--decoder_num_heads", "2", "--device", "cpu", "--epochs", "0"]
+    args = main_pretrain.get_args_parser().parse_args([*flags, "--crop_scale", "0.8", "1.0", "--rotation", "10",
+                                                       "--max_shift", "0.1", "--output_dir", str(tmp_path)])
+    assert run_tool(main_pretrain.main, args) == 0
+    saved = torch.load(tmp_path / "checkpoint-init.pth", weights_only=True)["args"]
+    assert (saved["crop_scale"], saved["rotation"], saved["max_shift"]) == ([0.8, 1.0], 10.0, 0.1)
+    assert augmentation_options(Namespace(**saved)) == dict(crop_scale=(0.8, 1.0), rotation=10.0, max_shift=0.1)
+    capsys.readouterr()
+    bad = main_pretrain.get_args_parser().parse_args([*flags, "--crop_scale", "0.9", "0.5", "--output_dir",
+                                                      str(tmp_path / "bad")])
+    assert run_tool(main_pretrain.main, bad) == 2
+    assert capsys.readouterr().err == ("error: --crop_scale 0.9 0.5: expected MIN and MAX in (0, 1] with MIN <= MAX "
+                                       "(fractions of the image's shorter side)\n")
+    assert not (tmp_path / "bad").exists()
