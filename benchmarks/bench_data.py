@@ -203,6 +203,45 @@ def v2_float_stages(img_size: int):
             ("flips", v2.Compose([v2.RandomHorizontalFlip(0.5), v2.RandomVerticalFlip(0.5)]))]
 
 
+def reference_cv2_stages(img_size: int):
+    """The reference code's uint16 pipeline (numpy + OpenCV on an H x W x C array; reference-behaviour.md), step by
+    step, for a side-by-side measurement: [(stage, fn(image) -> image)], or [] when OpenCV is not installed (it is
+    no dependency of this project: `pip install opencv-python-headless` to add these rows)."""
+    try:
+        import cv2
+    except ImportError:
+        return []
+    import random
+    cv2.setNumThreads(1)
+    crop = img_size // 2
+
+    def crop_resize(image):  # fixed S/2 window at a random top-left, then cv2.resize with PIL's BICUBIC = INTER_AREA
+        top, left = random.randint(0, image.shape[0] - crop), random.randint(0, image.shape[1] - crop)
+        return cv2.resize(image[top:top + crop, left:left + crop], (img_size, img_size), interpolation=3)
+
+    def rotate(image):
+        h, w = image.shape[:2]
+        matrix = cv2.getRotationMatrix2D((w / 2, h / 2), random.uniform(-90, 90), 1)
+        return cv2.warpAffine(image, matrix, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                              borderValue=0)
+
+    def shift(image):
+        h, w = image.shape[:2]
+        limit = int(0.3 * h)
+        matrix = np.float32([[1, 0, random.randint(-limit, limit)], [0, 1, random.randint(-limit, limit)]])
+        return cv2.warpAffine(image, matrix, (w, h), borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+    def flips(image):
+        image = cv2.flip(image, 1) if random.random() < 0.5 else image
+        return cv2.flip(image, 0) if random.random() < 0.5 else image
+
+    def to_float(image):  # ToTensor: uint16 / 65535, H x W x C -> C x H x W
+        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div(65535)
+
+    return [("crop + resize", crop_resize), ("rotate", rotate), ("shift", shift), ("flips", flips),
+            ("to-float", to_float)]
+
+
 def stage_row(pipeline, img_size, stage, ms, note="") -> dict:
     return dict(pipeline=pipeline, img_size=img_size, stage=stage, ms_per_img=round(ms, 4), note=note,
                 reference_cpu_ms_per_img=REFERENCE_CPU_MS_PER_IMG.get(img_size))
@@ -254,6 +293,17 @@ def bench_stages(paths, img_size: int, device, min_seconds: float, batch_size: i
     before = v2.Compose([step for _, step in v2_float_stages(img_size)])
     rows.append(stage_row("cpu_v2_float (before)", img_size, "augmentation, read excluded (measured whole)",
                           ms_per_call(lambda: before(float_image), min_seconds)))
+    # the reference's uint16 numpy/cv2 pipeline, measured here too when OpenCV is installed
+    reference = reference_cv2_stages(img_size)
+    if reference:
+        x = np.ascontiguousarray(read_tensor_chw(paths[0]).numpy().transpose(1, 2, 0))  # H x W x C uint16
+        total = 0.0
+        for stage, step in reference:
+            ms = ms_per_call(lambda step=step, x=x: step(x), min_seconds)
+            total += ms
+            rows.append(stage_row("reference_cv2", img_size, stage, ms, "uint16 until to-float"))
+            x = step(x)
+        rows.append(stage_row("reference_cv2", img_size, "sum of stages", total, "read excluded"))
     # --gpu_augment: the worker reads and crops; the device resizes and warps a batch
     worker = WorkerCrop(img_size)
     rows.append(stage_row("gpu", img_size, "read (worker)", ms_per_call(lambda: read_tensor_chw(next_path()),

@@ -70,15 +70,16 @@ def test_train_augment_equals_the_torchvision_float_pipeline(dtype, options):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("size", [128, 192], ids=["matmul-resize", "native-resize"])  # MATMUL_RESIZE_MAX_SIDE 160
 @pytest.mark.parametrize("angle,shift,flip", [(90.0, (9, -9), (True, True)), (-90.0, (0, 0), (False, False)),
                                               (45.0, (-3, 7), (False, True))])
-def test_extreme_parameters_equal_the_float_pipeline_at_128_px(angle, shift, flip):
+def test_extreme_parameters_equal_the_float_pipeline_at_real_sizes(size, angle, shift, flip):
     from util.transforms import augment_batch, crop_float
-    image = random_image(torch.uint16, height=130, width=128)
-    got = augment_batch(crop_float(image, 1, 2, 64)[None], 128, torch.tensor([angle]),
+    image = random_image(torch.uint16, height=size + 2, width=size)
+    got = augment_batch(crop_float(image, 1, 2, size // 2)[None], size, torch.tensor([angle]),
                         torch.tensor([shift], dtype=torch.float32), torch.tensor([flip]), scale=1 / 65535)[0]
-    expected = torchvision_float_pipeline(as_float(image), 1, 2, 64, 128, angle, shift, flip)
-    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)  # float32 grid coordinates at 128 px
+    expected = torchvision_float_pipeline(as_float(image), 1, 2, size // 2, size, angle, shift, flip)
+    torch.testing.assert_close(got, expected, atol=3e-5, rtol=1e-5)  # float32 grid coordinates at this size
 
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.uint16, torch.float32])
