@@ -10,6 +10,7 @@ maximum (1/255, 1/65535) at the end, as util.io.read_image scales them. The resu
 sequence RandomCrop -> Resize(bicubic, antialias) -> RandomRotation(bilinear, fill 0) -> RandomAffine(translate,
 fill 0) -> flips on the float image (tests/test_transforms.py compares them), but costs a fraction of it:
 - the crop is a view of the integer image and only the crop is converted to float;
+- on the CPU, up to 160 px, the resize is two products with the native kernel's own weight matrices;
 - rotation, shift and flips are one bilinear `grid_sample` (`augment_batch`): the shift and flips only move
   the sampling grid, and the zero fill of each step becomes one per-pixel factor (`warp_factor`) that also
   holds the dtype scale;
