@@ -1,24 +1,38 @@
-"""k-fold cross-validation of pretrained checkpoints: the paper's classification table.
+"""k-fold cross-validation of pretrained checkpoints: the paper's classification table, without selection on the test data.
 
-    python crossval.py --data_path DATA --folds 10 --output_dir cv --mode finetune \
+    python crossval.py --data_path DATA --folds 10 --output_dir cv --mode finetune --group_by parent \
         --checkpoints random DAMA=pre/dama/checkpoint-499.pth MAE=pre/mae/checkpoint-499.pth \
         -- --arch main_vit_base --img_size 128 --epochs 150 --blr 5e-4 ...
 
 The labelled images (ImageFolder: all of <data_path>/train and, when present, <data_path>/val, pooled; or
-<data_path>/<class>/ directly) are split into --folds stratified folds with --seed and the split is saved as
-file lists in <output_dir>/folds.json (reused by later calls, so every row sees the same folds). For each
-checkpoint and fold i, main_finetune.py (or main_linprobe.py) trains on the other folds and tests on fold i;
-fold i's data is a tree of symlinks <output_dir>/fold_data/fold_<i>/{train,val}/<class>/, so the training
-scripts read it as any ImageFolder. Everything after `--` goes to the training script unchanged.
---dataset synthetic first writes --synthetic_size synthetic cells as float32 TIFFs to <output_dir>/synthetic/.
+<data_path>/<class>/ directly) are split into --folds folds, stratified by class, seeded by --seed and, with
+--group_by, grouped (no group, e.g. one animal's or one section's crops, lands on both sides of a split). Each
+fold's training part is split again the same way into train and an inner validation set (--val_fraction). The
+split is saved as file lists in <output_dir>/folds.json (reused by later calls, so every row sees the same folds).
 
-Each number of the table is read from its run's log.txt (max_accuracy, or the last epoch's test_acc1 with
---metric last): one row per checkpoint, one column per fold, the mean with its difference to the random-init
-row, and Err = 100 - mean; written as <output_dir>/table.md and table.json. Runs that already finished with
-the same arguments are reused, interrupted ones resume from their checkpoint.pth. Runs go one after another as
-subprocesses, or as submitit jobs (--submitit, util/launch.py: SLURM or local, launcher flags after `--`).
+For each checkpoint and fold i, main_finetune.py (or main_linprobe.py) runs on a tree of symlinks
+<output_dir>/fold_data/fold_<i>/{train,val,test}/<class>/: it chooses the epoch (checkpoint-best) on val, the inner
+validation set, and scores test, fold i, once at that choice (--metric val, the default). --metric last takes the
+last epoch's accuracy on fold i (no selection); --metric max_test the best epoch's accuracy on fold i, the
+reference's number, which selects on the test data (the table says so). Both train on the whole training part
+(fold_data_no_inner_val/, runs_no_inner_val/). Everything after `--` goes to the training script unchanged.
+
+The "Random init." row (`random`) fine-tunes from the pretraining model before training: --random_init (a
+pretraining run's checkpoint-init.pth, main_pretrain.py --save_init) or, by default, what main_pretrain.py
+--epochs 0 writes to <output_dir>/random_init/ with the run's --arch, --img_size, --patch_size, --in_chans,
+--seed and the default decoder: the initial state of a pretraining run with those settings (the encoder's init
+depends on the decoder size too, through the order of the random draws), fixed sin-cos position embeddings
+included.
+
+The table: one row per checkpoint, one column per fold, the mean ± sample standard deviation over folds with the
+difference to the random-init row, and Err = 100 - mean; the selection rule heads the first column. Written as
+<output_dir>/table.md and table.json. Runs that already finished with the same arguments are reused, interrupted
+ones resume from their checkpoint.pth. Runs go one after another as subprocesses, or as submitit jobs (--submitit,
+util/launch.py: SLURM or local, launcher flags after `--`).
+--dataset synthetic first writes --synthetic_size synthetic cells as float32 TIFFs to <output_dir>/synthetic/.
 """
 import argparse
+import csv
 import json
 import re
 import shlex
@@ -29,19 +43,31 @@ from pathlib import Path
 
 import numpy as np
 
+from util.errors import UserError
+
 REPO = Path(__file__).resolve().parent
 FOLDS_FILE = "folds.json"
+FOLDS_FORMAT = 2  # 2: per fold its test, train and inner validation lists, and every sample's group
 MODES = {"finetune": "main_finetune", "linprobe": "main_linprobe"}
 RANDOM = "random"
 RANDOM_ROW_NAME = "Random init."
+METRICS = ("val", "last", "max_test")
+# Each metric's runs: the default selects on an inner validation split and scores the test fold once; the other
+# two evaluate the test fold after every epoch (the reference's setup) and train on the whole training part.
+INNER_VAL, NO_INNER_VAL = "inner_val", "no_inner_val"
+LAYOUT = {"val": INNER_VAL, "last": NO_INNER_VAL, "max_test": NO_INNER_VAL}
+RUNS_DIR = {INNER_VAL: "runs", NO_INNER_VAL: "runs_no_inner_val"}
+FOLD_DATA_DIR = {INNER_VAL: "fold_data", NO_INNER_VAL: "fold_data_no_inner_val"}
 # flags that crossval sets for every run; the same flags after `--` would silently change the experiment
 OWN_FLAGS = ("--data_path", "--dataset", "--output_dir", "--log_dir", "--finetune", "--job_dir", "--resume")
 # settings that do not change a run's result: a finished run is reused whatever they were
 RUNTIME_ONLY = ("num_workers", "pin_mem", "device", "world_size", "local_rank", "dist_on_itp", "dist_url",
                 "dist_eval")
+# the pretraining settings the random-init checkpoint takes from the training flags
+INIT_SETTINGS = ("arch", "img_size", "patch_size", "in_chans", "seed")
 
 
-class CrossvalError(ValueError):
+class CrossvalError(UserError, ValueError):
     """A bad flag, file or run; the message names it."""
 
 
@@ -50,7 +76,8 @@ class CrossvalError(ValueError):
 # --------------------------------------------------------------------------------------------------
 def get_args_parser():
     parser = argparse.ArgumentParser(
-        "DAMA cross-validation", usage="crossval.py [options] -- [flags of main_finetune.py / main_linprobe.py]")
+        "DAMA cross-validation", usage="crossval.py [options] -- [flags of main_finetune.py / main_linprobe.py]",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data_path", default=None, help="labelled ImageFolder: <data_path>/{train,val}/<class>/ "
                                                           "or <data_path>/<class>/")
     parser.add_argument("--dataset", default="folder", choices=("folder", "synthetic"))
@@ -59,12 +86,27 @@ def get_args_parser():
     parser.add_argument("--in_chans", default=7, type=int, help="channels of the synthetic images")
     parser.add_argument("--folds", default=10, type=int, help="number of folds k")
     parser.add_argument("--seed", default=0, type=int, help="seed of the fold split (and the synthetic set)")
+    parser.add_argument("--group_by", default=None,
+                        help="keep groups together: 'parent' (the image's folder below its class folder, for "
+                             "<class>/<group>/<image> layouts, e.g. one folder per animal or section), or a column "
+                             "of a packed cell dataset's cells.csv (e.g. slide); no group is on both sides of a "
+                             "fold or of the inner validation split (default: every image on its own)")
+    parser.add_argument("--val_fraction", default=0.1, type=float,
+                        help="share of each fold's training part held out as the inner validation set that "
+                             "chooses the epoch (--metric val)")
     parser.add_argument("--checkpoints", nargs="+", required=True,
                         help="table rows: NAME=PATH (pretraining or encoder-only checkpoint), NAME=random or "
                              "just 'random' for the random-init row the other rows are compared with")
+    parser.add_argument("--random_init", default=None,
+                        help="checkpoint the random-init row fine-tunes from: a pretraining run's checkpoint-init.pth "
+                             "(main_pretrain.py --save_init), so that the row is exactly that run's starting point "
+                             "(default: written by main_pretrain.py --epochs 0 with the training flags' --arch, "
+                             "--img_size, --patch_size, --in_chans, --seed and the default, the paper's, decoder)")
     parser.add_argument("--mode", default="finetune", choices=sorted(MODES), help="fine-tune or linear-probe")
-    parser.add_argument("--metric", default="max", choices=("max", "last"),
-                        help="per run: max_accuracy over epochs (as the reference) or the last epoch's test_acc1")
+    parser.add_argument("--metric", default="val", choices=METRICS,
+                        help="val: epoch chosen on the inner validation split, test fold scored once there; "
+                             "last: the last epoch's test accuracy (no selection); max_test: the best epoch's test "
+                             "accuracy (the reference's number: selects on the test fold, biased upward)")
     parser.add_argument("--output_dir", required=True, help="folds.json, fold data, runs/, table.md, table.json")
     parser.add_argument("--submitit", action="store_true",
                         help="submit every run as a submitit job (util/launch.py; pass --ngpus, --partition, "
@@ -151,18 +193,114 @@ def synthetic_samples(args):
     return samples, list(dataset.classes), source
 
 
-def stratified_folds(labels, num_folds: int, seed: int):
-    """k lists of sample indices: each class shuffled (seeded) and dealt round-robin, continuing where the
-    previous class stopped so that fold sizes differ by at most one."""
-    rng = np.random.default_rng(seed)
-    folds = [[] for _ in range(num_folds)]
+# --------------------------------------------------------------------------------------------------
+# Groups
+# --------------------------------------------------------------------------------------------------
+def group_keys(data_path, samples, group_by) -> list:
+    """One group key per sample: its own path without --group_by; 'parent': the folder below its class folder
+    (<class>/<group>/.../<image>); another name: that column of a packed dataset's cells.csv."""
+    if not group_by:
+        return [path for path, _ in samples]
+    if group_by == "parent":
+        return parent_groups(data_path, samples)
+    return cell_table_groups(data_path, group_by, len(samples))
+
+
+def parent_groups(data_path, samples) -> list:
+    """The path between each image's class folder and the image ('animal1/section3'); train/ and val/ share them."""
+    if not data_path:
+        raise CrossvalError("--group_by parent needs a folder of images in <class>/<group>/<image> layout "
+                            "(--data_path); the synthetic set has no groups")
+    root = Path(data_path).expanduser().resolve()
+    keys, flat = [], []
+    for path, _ in samples:
+        parts = Path(path).relative_to(root).parts
+        parts = parts[1:] if parts[0] in ("train", "val") and (root / parts[0]).is_dir() else parts
+        group = "/".join(parts[1:-1])  # parts[0] is the class folder, parts[-1] the image
+        if not group:
+            flat.append(path)
+        keys.append(group)
+    if flat:
+        raise CrossvalError(f"--group_by parent: {len(flat)} image(s) lie directly in their class folder (e.g. "
+                            f"{flat[0]}); expected <class>/<group>/<image>, one sub-folder per group")
+    return keys
+
+
+def read_cell_table(data_path, column: str):
+    """(columns, rows) of <data_path>/cells.csv, the cell table of a packed dataset (<data_path>/dataset.json)."""
+    root = Path(data_path).expanduser() if data_path else None
+    if root is None or not (root / "dataset.json").is_file():
+        raise CrossvalError(f"--group_by {column}: expected 'parent' for a folder of images, or a column of cells.csv "
+                            f"in a packed cell dataset (a --data_path holding dataset.json); {root} holds no "
+                            "dataset.json")
+    table = root / "cells.csv"
+    try:
+        with open(table, newline="") as f:
+            reader = csv.DictReader(f)
+            return list(reader.fieldnames or []), list(reader)
+    except OSError as exc:
+        raise CrossvalError(f"--group_by {column}: cannot read {table} ({exc})") from exc
+
+
+def cell_table_columns(data_path, column: str) -> list:
+    """The columns of the cell table; CrossvalError naming them when `column` is not one of them."""
+    columns, _ = read_cell_table(data_path, column)
+    if column not in columns:
+        raise CrossvalError(f"--group_by {column}: {Path(data_path) / 'cells.csv'} has no column {column!r}; its "
+                            f"columns are {', '.join(columns)}")
+    return columns
+
+
+def cell_table_groups(data_path, column: str, num_samples: int) -> list:
+    """Column `column` of <data_path>/cells.csv for a packed cell dataset (<data_path>/dataset.json), one value
+    per sample in the order of the table's `index` column."""
+    columns = cell_table_columns(data_path, column)
+    _, rows = read_cell_table(data_path, column)
+    table = Path(data_path) / "cells.csv"
+    if len(rows) != num_samples:
+        raise CrossvalError(f"--group_by {column}: {table} has {len(rows)} rows for {num_samples} samples")
+    if "index" in columns:
+        rows.sort(key=lambda row: int(row["index"]))
+    return [row[column] for row in rows]
+
+
+# --------------------------------------------------------------------------------------------------
+# Folds
+# --------------------------------------------------------------------------------------------------
+def stratified_group_folds(labels, groups, num_parts: int, seed: int) -> list:
+    """num_parts lists of sample indices; every group whole in one part, class proportions as even as the groups
+    allow (sklearn's StratifiedGroupKFold rule), seeded.
+
+    Groups are visited in a seeded random order, those with the most uneven class counts first; each goes to the
+    part that keeps the per-class shares most even (mean over classes of the std over parts of the part's share
+    of the class), ties to the smallest part, then the first. Without grouping (one sample per group) the parts
+    get each class in turn, so their class counts differ by at most one.
+    """
     labels = np.asarray(labels)
-    next_fold = 0
-    for label in np.unique(labels):
-        for index in rng.permutation(np.flatnonzero(labels == label)):
-            folds[next_fold].append(int(index))
-            next_fold = (next_fold + 1) % num_folds
-    return [sorted(fold) for fold in folds]
+    group_ids, group_of = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
+    num_classes = int(labels.max()) + 1
+    counts = np.zeros((len(group_ids), num_classes))
+    np.add.at(counts, (group_of, labels), 1)
+    class_totals = np.maximum(counts.sum(axis=0), 1)
+    order = np.random.default_rng(seed).permutation(len(group_ids))
+    order = sorted(order, key=lambda g: -counts[g].std())  # stable: the seeded order breaks ties
+    part_counts = np.zeros((num_parts, num_classes))
+    assignment = np.empty(len(group_ids), dtype=int)
+    candidates = np.arange(num_parts)
+    for g in order:
+        trial = part_counts[None] + np.eye(num_parts)[:, :, None] * counts[g]  # [part tried, part, class]
+        spread = (trial / class_totals).std(axis=1).mean(axis=1)  # [part tried]
+        best = min(candidates, key=lambda p: (round(spread[p], 12), part_counts[p].sum(), p))
+        assignment[g] = best
+        part_counts[best] += counts[g]
+    return [sorted(np.flatnonzero(assignment[group_of] == part).tolist()) for part in range(num_parts)]
+
+
+def check_group_count(groups, num_parts: int, what: str, group_by) -> None:
+    count = len(set(groups))
+    if count < num_parts:
+        by = f"--group_by {group_by}" if group_by else "the images"
+        raise CrossvalError(f"{by}: {count} group(s), fewer than {what} {num_parts}; every part needs one")
 
 
 def check_class_sizes(samples, classes, num_folds):
@@ -177,36 +315,78 @@ def check_class_sizes(samples, classes, num_folds):
                   f"some test folds lack it", file=sys.stderr)
 
 
+def inner_split(train_part, labels, groups, val_fraction: float, seed: int, fold: int, group_by):
+    """(train, val) indices of one fold's training part: val is one of round(1 / val_fraction) stratified, grouped
+    parts, the first that leaves every class of the training part in train (the model's classes come from train/)."""
+    num_parts = max(2, round(1 / val_fraction))
+    part_groups = [groups[i] for i in train_part]
+    if len(set(part_groups)) < 2:
+        raise CrossvalError(f"fold {fold}: its training part holds {len(set(part_groups))} group(s); the inner "
+                            f"validation split needs at least 2 (use fewer --folds or finer --group_by)")
+    parts = stratified_group_folds([labels[i] for i in train_part], part_groups, num_parts, seed)
+    classes = {labels[i] for i in train_part}
+    for part in parts:
+        val = {train_part[j] for j in part}
+        train = [i for i in train_part if i not in val]
+        if val and {labels[i] for i in train} == classes:
+            return train, sorted(val)
+    raise CrossvalError(f"fold {fold}: no inner validation split of its training part keeps every class in "
+                        f"training; each class needs images in at least two {'groups' if group_by else 'places'}")
+
+
 def make_folds(args) -> dict:
-    """The split as stored in folds.json: source, classes and, per fold, its test samples."""
+    """The split as stored in folds.json: source, classes and, per fold, its test, train and val samples."""
+    if args.group_by not in (None, "parent"):  # a cell-table column: named wrongly, it fails before any listing
+        cell_table_columns(args.data_path, args.group_by)
     if args.dataset == "synthetic":
         samples, classes, source = synthetic_samples(args)
     elif not args.data_path:
         raise CrossvalError("--data_path is not set; expected a labelled folder (or use --dataset synthetic)")
     else:
         samples, classes, source = folder_samples(args.data_path)
+    groups = group_keys(args.data_path, samples, args.group_by)
+    check_group_count(groups, args.folds, "--folds", args.group_by)
     check_class_sizes(samples, classes, args.folds)
-    folds = stratified_folds([label for _, label in samples], args.folds, args.seed)
-    return {"source": source, "num_folds": args.folds, "seed": args.seed, "classes": classes,
-            "folds": [[{"path": samples[i][0], "label": samples[i][1]} for i in fold] for fold in folds]}
+    labels = [label for _, label in samples]
+    test_folds = stratified_group_folds(labels, groups, args.folds, args.seed)
+
+    def entries(indices):
+        return [{"path": samples[i][0], "label": samples[i][1], "group": groups[i]} for i in indices]
+
+    folds = []
+    for fold, test in enumerate(test_folds):
+        in_test = set(test)
+        train_part = [i for i in range(len(samples)) if i not in in_test]
+        train, val = inner_split(train_part, labels, groups, args.val_fraction, args.seed + 1 + fold, fold,
+                                 args.group_by)
+        folds.append({"test": entries(test), "train": entries(train), "val": entries(val)})
+    return {"format": FOLDS_FORMAT, "source": source, "num_folds": args.folds, "seed": args.seed,
+            "group_by": args.group_by, "val_fraction": args.val_fraction, "classes": classes, "folds": folds}
+
+
+def split_settings(args) -> dict:
+    return {"format": FOLDS_FORMAT, "num_folds": args.folds, "seed": args.seed, "group_by": args.group_by,
+            "val_fraction": args.val_fraction}
 
 
 def load_or_make_folds(args) -> dict:
-    """Reuse <output_dir>/folds.json (it must describe the same data and k), else split and save it."""
+    """Reuse <output_dir>/folds.json (it must describe the same split settings), else split and save it."""
     path = Path(args.output_dir) / FOLDS_FILE
     if not path.is_file():
         folds = make_folds(args)
-        path.write_text(json.dumps(folds, indent=1))
-        print(f"Saved a {args.folds}-fold split of {sum(map(len, folds['folds']))} images to {path}")
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(folds, indent=1))
+        tmp.replace(path)  # atomic: an interrupted write never leaves a half folds.json
+        print(f"Saved a {args.folds}-fold split of {sum(len(f['test']) for f in folds['folds'])} images to {path}")
         return folds
     try:
         folds = json.loads(path.read_text())
-        stored = (folds["num_folds"], folds["seed"])
-    except (ValueError, KeyError) as exc:
+        stored = {key: folds.get(key) for key in split_settings(args)}
+    except (ValueError, AttributeError) as exc:
         raise CrossvalError(f"{path}: not a folds file written by crossval.py ({exc}); delete it") from exc
-    if stored != (args.folds, args.seed):
-        raise CrossvalError(f"{path} holds a {stored[0]}-fold split with seed {stored[1]}, but --folds {args.folds} "
-                            f"--seed {args.seed} were given; use another --output_dir or delete {path}")
+    if stored != split_settings(args):
+        raise CrossvalError(f"{path} holds a split with {stored}, but this call asks for {split_settings(args)}; "
+                            f"use another --output_dir or delete {path}")
     print(f"Reusing the {args.folds}-fold split in {path} (source: {folds['source']})")
     return folds
 
@@ -218,23 +398,50 @@ def link_or_copy(source: Path, target: Path):
         shutil.copy2(source, target)
 
 
-def write_fold_tree(folds: dict, fold: int, root: Path) -> Path:
-    """<root>/fold_<i>/{train,val}/<class>/<n>_<file>: links to the images, val = fold i, train = the rest.
+def fold_tree_splits(fold: dict, layout: str) -> dict:
+    """Folder name -> entries: {train, val, test} (inner validation), or {train: train + val, val: test}."""
+    if layout == INNER_VAL:
+        return {"train": fold["train"], "val": fold["val"], "test": fold["test"]}
+    return {"train": fold["train"] + fold["val"], "val": fold["test"]}
+
+
+def write_fold_tree(folds: dict, fold: int, root: Path, layout: str = INNER_VAL) -> Path:
+    """<root>/fold_<i>/<split>/<class>/<n>_<file>: links to the images of fold i's splits (fold_tree_splits).
 
     The running number keeps equal file names from different folders apart.
     """
     fold_dir = root / f"fold_{fold}"
     shutil.rmtree(fold_dir, ignore_errors=True)  # rebuilt from folds.json every time: never stale
-    for other, entries in enumerate(folds["folds"]):
-        split = "val" if other == fold else "train"
+    for split, entries in fold_tree_splits(folds["folds"][fold], layout).items():
         for n, entry in enumerate(entries):
             source = Path(entry["path"])
             if not source.is_file():
-                raise CrossvalError(f"{FOLDS_FILE}: image {source} (fold {other}) no longer exists")
-            target = fold_dir / split / folds["classes"][entry["label"]] / f"f{other}_{n:06d}_{source.name}"
+                raise CrossvalError(f"{FOLDS_FILE}: image {source} (fold {fold}) no longer exists")
+            target = fold_dir / split / folds["classes"][entry["label"]] / f"{n:06d}_{source.name}"
             target.parent.mkdir(parents=True, exist_ok=True)
             link_or_copy(source, target)
     return fold_dir
+
+
+# --------------------------------------------------------------------------------------------------
+# The random-init checkpoint
+# --------------------------------------------------------------------------------------------------
+def random_init_checkpoint(output_dir: Path, script: str, train_args) -> str:
+    """<output_dir>/random_init/<settings>/checkpoint-init.pth: main_pretrain.py --epochs 0 with the run's
+    --arch, --img_size, --patch_size, --in_chans and --seed (written once, reused by later calls)."""
+    import importlib
+
+    import main_pretrain
+
+    known, _ = importlib.import_module(script).get_args_parser().parse_known_args(list(train_args))
+    settings = {key: getattr(known, key) for key in INIT_SETTINGS}
+    folder = output_dir / "random_init" / slug("_".join(f"{k}{v}" for k, v in settings.items()))
+    flags = ["--epochs", "0", "--output_dir", str(folder), "--device", "cpu"]
+    for key, value in settings.items():
+        flags += [f"--{key}", str(value)]
+    pretrain_args = main_pretrain.get_args_parser().parse_args(flags)
+    main_pretrain.main(pretrain_args)
+    return str(folder / main_pretrain.INIT_CHECKPOINT)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -252,20 +459,28 @@ def run_flags(fold_dir: Path, run_dir: Path, checkpoint, train_args) -> list:
 
 
 def read_result(run_dir: Path, metric: str):
-    """The run's accuracy from its log.txt (None while it has not finished)."""
+    """The run's accuracy from its log.txt (None while it has not finished): the test split scored once at the
+    best val epoch (val), the last epoch's (last) or the best epoch's (max_test) accuracy on the val folder."""
     log = run_dir / "log.txt"
     if not log.is_file():
         return None
-    key = "max_accuracy" if metric == "max" else "test_acc1"
-    value = None
-    finished = False
+    final, last_epoch = None, None
     for line in log.read_text().splitlines():
         if not line.strip():
             continue
         record = json.loads(line)
-        finished = finished or "max_accuracy" in record
-        value = record.get(key, value)  # the last occurrence: a resumed run appends
-    return value if finished else None
+        if "max_accuracy" in record:
+            final = record  # the last one: a resumed run appends
+        elif "test_acc1" in record:
+            last_epoch = record
+    if final is None:
+        return None
+    if metric == "val":
+        if "test_acc1" not in final:
+            raise CrossvalError(f"{log}: the run scored no test split (its final line is {final}); was it trained on "
+                                f"a fold tree without test/? Pass --rerun")
+        return final["test_acc1"]
+    return final["max_accuracy"] if metric == "max_test" else last_epoch["test_acc1"]
 
 
 def training_config(script: str, flags: list) -> dict:
@@ -287,7 +502,7 @@ def prepare_run(run_dir: Path, config: dict, rerun: bool):
         if json.loads(record.read_text()) != config:
             raise CrossvalError(f"{run_dir} holds a run with other settings (see {record}); pass --rerun, "
                                 f"delete it, or use another --output_dir")
-        if read_result(run_dir, "max") is not None:
+        if read_result(run_dir, "max_test") is not None:  # a final line: the run finished
             return "done"
     run_dir.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(config, indent=1))
@@ -319,13 +534,17 @@ def submit_job(script: str, flags: list, run_dir: Path):
 def run_all(args, rows, folds, train_args) -> dict:
     """Train every (row, fold) not done yet; returns {(row name, fold): run folder}."""
     script = MODES[args.mode]
-    fold_root = Path(args.output_dir).resolve() / "fold_data"
-    fold_dirs = [write_fold_tree(folds, i, fold_root) for i in range(args.folds)]
+    output_dir = Path(args.output_dir).resolve()
+    layout = LAYOUT[args.metric]
+    fold_root = output_dir / FOLD_DATA_DIR[layout]
+    fold_dirs = [write_fold_tree(folds, i, fold_root, layout) for i in range(args.folds)]
     run_dirs, jobs = {}, []
     total = len(rows) * args.folds
     for r, (name, checkpoint) in enumerate(rows):
+        if checkpoint is None:  # the random-init row: the pretraining model before training
+            checkpoint = args.random_init or random_init_checkpoint(output_dir, script, train_args)
         for fold in range(args.folds):
-            run_dir = Path(args.output_dir).resolve() / "runs" / slug(name) / f"fold_{fold}"
+            run_dir = output_dir / RUNS_DIR[layout] / slug(name) / f"fold_{fold}"
             run_dirs[name, fold] = run_dir
             flags = run_flags(fold_dirs[fold], run_dir, checkpoint, train_args)
             label = f"[{r * args.folds + fold + 1}/{total}] {args.mode} {name!r} fold {fold}"
@@ -354,8 +573,19 @@ def run_all(args, rows, folds, train_args) -> dict:
 # --------------------------------------------------------------------------------------------------
 # The table
 # --------------------------------------------------------------------------------------------------
+def selection_rule(args) -> str:
+    """The rule behind each number, as the table's first header cell."""
+    groups = f", grouped by {args.group_by}" if args.group_by else ""
+    if args.metric == "val":
+        return (f"epoch chosen on an inner validation split ({args.val_fraction:g} of each training part{groups}); "
+                "test fold scored once")
+    if args.metric == "last":
+        return f"last epoch on the test fold (no selection{groups})"
+    return f"best epoch selected on the test fold (the reference's number, biased upward{groups})"
+
+
 def collect_table(args, rows, run_dirs) -> dict:
-    """Per row: fold accuracies (from log.txt), mean, difference to the random-init row, error."""
+    """Per row: fold accuracies (from log.txt), mean, sample std, difference to the random-init row, error."""
     table_rows = []
     for name, checkpoint in rows:
         accs, logs = [], []
@@ -367,22 +597,25 @@ def collect_table(args, rows, run_dirs) -> dict:
             accs.append(float(acc))
             logs.append(str(run_dir / "log.txt"))
         table_rows.append({"name": name, "checkpoint": checkpoint or RANDOM, "folds": accs,
-                           "mean": float(np.mean(accs)), "err": 100.0 - float(np.mean(accs)), "logs": logs})
+                           "mean": float(np.mean(accs)), "std": float(np.std(accs, ddof=1)),
+                           "err": 100.0 - float(np.mean(accs)), "logs": logs})
     reference = next((row for row in table_rows if row["checkpoint"] == RANDOM), None)
     for row in table_rows:
         row["diff"] = row["mean"] - reference["mean"] if reference else None
-    return {"mode": args.mode, "metric": args.metric, "num_folds": args.folds,
-            "reference": reference["name"] if reference else None, "rows": table_rows}
+    return {"mode": args.mode, "metric": args.metric, "selection": selection_rule(args), "group_by": args.group_by,
+            "num_folds": args.folds, "reference": reference["name"] if reference else None, "rows": table_rows}
 
 
 def format_mean(row) -> str:
-    return f"{row['mean']:.2f}" if row["diff"] is None else f"{row['mean']:.2f}({row['diff']:+.2f})"
+    text = f"{row['mean']:.2f} ± {row['std']:.2f}"
+    return text if row["diff"] is None else f"{text} ({row['diff']:+.2f})"
 
 
 def markdown_table(table) -> str:
-    """The seed README's layout: | name | fold 0 .. k-1 | Avg. ↑ (diff to random init) | Err. ↓ |."""
+    """The seed README's layout with the selection rule in the first header cell:
+    | selection: <rule> | fold 0 .. k-1 | Avg. ± std ↑ (diff to random init) | Err. ↓ |."""
     folds = [str(i) for i in range(table["num_folds"])]
-    header = ["", *folds, "Avg. ↑", "Err. ↓"]
+    header = [f"selection: {table['selection']}", *folds, "Avg. ± std ↑", "Err. ↓"]
     lines = ["| " + " | ".join(header) + " |",
              "|" + "|".join([":---"] + [":---:"] * (len(header) - 1)) + "|"]
     for row in table["rows"]:
@@ -402,14 +635,20 @@ def main(argv=None) -> int:
     try:
         if args.folds < 2:
             raise CrossvalError(f"--folds must be at least 2, got {args.folds}")
+        if not 0 < args.val_fraction <= 0.5:
+            raise CrossvalError(f"--val_fraction must be in (0, 0.5], got {args.val_fraction}")
         check_passthrough(train_args)
         rows = parse_checkpoints(args.checkpoints)
+        if args.random_init:
+            if not Path(args.random_init).is_file():
+                raise CrossvalError(f"--random_init {args.random_init}: checkpoint file does not exist")
+            args.random_init = str(Path(args.random_init).resolve())
         output_dir = Path(args.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         folds = load_or_make_folds(args)
         run_dirs = run_all(args, rows, folds, train_args)
         table = collect_table(args, rows, run_dirs)
-    except ValueError as exc:  # CrossvalError, and DataError from reading the labelled folder
+    except (UserError, ValueError) as exc:  # CrossvalError, DataError/ConfigError from the data or the init
         sys.stderr.write(f"error: {' '.join(str(exc).split())}\n")
         return 2
     save_table(table, output_dir)

@@ -26,10 +26,11 @@ from engine_finetune import PRINT_FREQ, evaluate, train_one_epoch
 from util.channels import (add_channel_name_args, check_data_channels, data_channel_names,
                            read_checkpoint_description)
 from util.checkpoint import (add_resume_args, check_save_schedule, describing_checkpoint, fill_from_checkpoint,
-                              find_resume_checkpoint, resume, run_identity, run_is_finished, save_model, saved_args)
+                              find_resume_checkpoint, load_checkpoint, load_model_strict, resume, run_identity,
+                              run_is_finished, save_model, saved_args)
 from util.cli import add_bool_flag, run_tool
 from util.convert import load_pretrained_encoder
-from util.datasets import build_finetune_dataset
+from util.datasets import build_finetune_dataset, build_finetune_test_dataset
 from util.errors import ConfigError, DataError
 from util.imagenet import add_finetune_augment_args, add_recipe_arg, recipe_in_chans, resolve_recipe
 from util.lr_sched import resolve_lr
@@ -37,6 +38,7 @@ from util.normalize import add_normalize_args, check_percentiles, describe, is_p
 from util.output import exclusive_output_dir, prepare_output_dir
 from util.run_control import MidEpochCheckpoints, SaveSchedule, StopSignals
 from util.sampling import resumable_loader
+from util.transforms import add_augmentation_flags, augmentation_options
 
 # big enough that ViT-T learns the synthetic cell types in a few CPU epochs, small enough to take minutes
 DEFAULT_SYNTHETIC_SIZE = 2000
@@ -96,6 +98,7 @@ def add_augmentation_args(parser):
     parser.add_argument("--mixup_switch_prob", default=0.5, type=float, help="probability of cutmix over mixup")
     parser.add_argument("--mixup_mode", default="batch", choices=("batch", "pair", "elem"))
     add_finetune_augment_args(parser)
+    add_augmentation_flags(parser)  # --crop_scale, --rotation, --max_shift of the training images
 
 
 def add_checkpoint_args(parser):
@@ -117,7 +120,8 @@ def add_checkpoint_args(parser):
 def add_data_args(parser):
     parser.add_argument("--dataset", default="folder", choices=("folder", "synthetic"),
                         help="folder: <data_path>/{train,val}/<class>/*; synthetic: built-in cells")
-    parser.add_argument("--data_path", default="", help="dataset root with train/ and val/")
+    parser.add_argument("--data_path", default="", help="dataset root with train/ and val/ (and optionally test/: "
+                                                          "the epoch is then chosen on val and test scored once)")
     parser.add_argument("--synthetic_size", default=DEFAULT_SYNTHETIC_SIZE, type=int,
                         help="training images of --dataset synthetic")
     parser.add_argument("--val_crop", default=48, type=int, help="centre crop of validation images before resize")
@@ -171,6 +175,7 @@ def resolve_defaults(args):
     check_save_schedule(args)
     check_percentiles(args.clip_percentiles)
     resolve_recipe(args)  # --in_chans default, args.mean / args.std (stored in the checkpoint's args)
+    augmentation_options(args)  # --crop_scale, --rotation, --max_shift
 
 
 def mixup_active(args) -> bool:
@@ -236,14 +241,17 @@ def build_datasets(args):
     return dataset_train, dataset_val
 
 
-def build_loaders(args, dataset_train, dataset_val):
+def build_loaders(args, dataset_train, dataset_val, keep_last_batch: bool = False):
     """Train: DistributedSampler always (a fresh order per epoch via set_epoch), drop_last (mixup needs even
-    batches). Val: sharded with --dist_eval, else every rank reads the whole set in order."""
+    batches) unless keep_last_batch (the linear probe; a last batch of one image is still dropped, BatchNorm needs
+    two). Val: sharded with --dist_eval, else every rank reads the whole set in order. Prints the steps per epoch."""
     world_size, rank = misc.get_world_size(), misc.get_rank()
     pin_memory = args.pin_mem and str(args.device).startswith("cuda")
     # reproducible order, augmentation and start step (util.sampling), as pretraining
+    per_rank = -(-len(dataset_train) // world_size)  # the DistributedSampler's share of each rank (padded)
+    keep_last_batch = keep_last_batch and per_rank % args.batch_size != 1  # BatchNorm needs two images
     loader_train = resumable_loader(dataset_train, args.batch_size, args.num_workers, args.seed, world_size, rank,
-                                    pin_memory=pin_memory)
+                                    pin_memory=pin_memory, keep_last_batch=keep_last_batch)
     if args.dist_eval:
         sampler_val = ShardSampler(len(dataset_val), rank, world_size)
     else:
@@ -254,6 +262,9 @@ def build_loaders(args, dataset_train, dataset_val):
     if len(loader_train) == 0:
         raise DataError(f"{len(dataset_train)} training images are fewer than one batch of {args.batch_size} "
                         f"x {world_size} processes; lower --batch_size")
+    dropped = 0 if keep_last_batch else per_rank - len(loader_train) * args.batch_size
+    print(f"{len(loader_train)} steps per epoch: {per_rank} training images per process in batches of "
+          f"{args.batch_size}" + (f", the last {dropped} dropped" if dropped else ""))
     return loader_train, loader_val
 
 
@@ -320,9 +331,24 @@ def save_epoch_checkpoints(save, args, epoch, max_accuracy, improved):
         save(epoch, name="checkpoint-best", extra=extra)
 
 
-def epoch_log_line(epoch, train_stats, test_stats, n_parameters) -> dict:
+def epoch_log_line(epoch, train_stats, test_stats, n_parameters, eval_prefix="test") -> dict:
+    """eval_prefix 'test' (MAE's name for the per-epoch evaluation of val/), or 'val' when a test split is held out."""
     return {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
-            **{f"test_{k}": v for k, v in test_stats.items()}, "n_parameters": n_parameters}
+            **{f"{eval_prefix}_{k}": v for k, v in test_stats.items()}, "n_parameters": n_parameters}
+
+
+def score_test_split(args, model_without_ddp, loader_test, num_classes) -> dict:
+    """The held-out test split scored once, with the weights of checkpoint-best.pth (the best val epoch)."""
+    path = os.path.join(args.output_dir, "checkpoint-best.pth")
+    if args.distributed:
+        torch.distributed.barrier()  # rank 0 wrote the file
+    best = load_checkpoint(path)
+    load_model_strict(model_without_ddp, best["model"], path)
+    stats = evaluate(loader_test, model_without_ddp, args.device, args.amp_dtype, num_classes,
+                     sharded=args.dist_eval)
+    print(f"Test accuracy at the best val epoch {best['epoch']} ({path}): {stats['acc1']:.2f}% on "
+          f"{len(loader_test.dataset)} test images (scored once)")
+    return {**{f"test_{k}": v for k, v in stats.items()}, "test_scored_at_epoch": best["epoch"]}
 
 
 def log_test_scalars(log_writer, test_stats, epoch):
@@ -334,10 +360,15 @@ def log_test_scalars(log_writer, test_stats, epoch):
 
 
 def train(args, run: dict):
-    """Epoch loop: train, evaluate, checkpoint, log. Returns the best top-1."""
+    """Epoch loop: train, evaluate, checkpoint, log. Returns the best top-1 on val.
+
+    The best epoch is chosen on val (top-1, ties to the later epoch). With a held-out test split the per-epoch
+    lines log val_*, and the test split is scored once at the end with checkpoint-best.pth: test_* in the final
+    line. Without one the per-epoch keys are MAE's test_* (measured on val), and the final line says so.
+    """
     model, model_without_ddp = run["model"], run["model_without_ddp"]
     optimizer, loss_scaler, num_classes = run["optimizer"], run["loss_scaler"], run["num_classes"]
-    loader_train, loader_val = run["loaders"]
+    loader_train, loader_val, loader_test = *run["loaders"], run["loader_test"]
     max_accuracy = run["max_accuracy"]
 
     def save(epoch, name=None, extra=None):
@@ -370,7 +401,8 @@ def train(args, run: dict):
             print(f"Max accuracy: {max_accuracy:.2f}%")
             save_epoch_checkpoints(save, args, epoch, max_accuracy, improved)
             log_test_scalars(log_writer, test_stats, epoch)
-            line = epoch_log_line(epoch, train_stats, test_stats, n_parameters)
+            line = epoch_log_line(epoch, train_stats, test_stats, n_parameters,
+                                  "val" if loader_test is not None else "test")
             if getattr(args, "skip_bad_files", False) and epoch == args.start_epoch:
                 line["skipped_bad_files"] = args.skipped_bad_files
             misc.append_json_log(args.output_dir, line)
@@ -378,17 +410,31 @@ def train(args, run: dict):
         stop_signals.uninstall()
         if log_writer is not None:
             log_writer.close()
-    misc.append_json_log(args.output_dir, {"max_accuracy": max_accuracy})
+    final = {"max_accuracy": max_accuracy, "selected_on": "val"}  # the set max_accuracy was chosen (and measured) on
+    if loader_test is not None:
+        final.update(score_test_split(args, model_without_ddp, loader_test, num_classes))
+    misc.append_json_log(args.output_dir, final)
     print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
     return max_accuracy
 
 
-def setup(args, identity: dict, make_model=build_finetune_model, make_optimizer=build_optimizer):
+def build_test_loader(args, dataset_test):
+    """The held-out test split (or None), read like val."""
+    if dataset_test is None:
+        return None
+    sampler = ShardSampler(len(dataset_test), misc.get_rank(), misc.get_world_size()) if args.dist_eval else \
+        torch.utils.data.SequentialSampler(dataset_test)
+    return torch.utils.data.DataLoader(dataset_test, sampler=sampler, batch_size=args.batch_size,
+                                       num_workers=args.num_workers, drop_last=False)
+
+
+def setup(args, identity: dict, make_model=build_finetune_model, make_optimizer=build_optimizer,
+          keep_last_batch=False):
     """Everything before the first step; errors here are the user's flags or files.
 
     make_model(args, num_classes) and make_optimizer(args, model_without_ddp) are what main_linprobe.py
-    replaces (a frozen encoder, a head-only optimiser); everything else is shared. identity: the run identity
-    (util.checkpoint.run_identity) of the command.
+    replaces (a frozen encoder, a head-only optimiser), and keep_last_batch (its small data sets); everything
+    else is shared. identity: the run identity (util.checkpoint.run_identity) of the command.
     """
     print(f"job dir: {os.path.dirname(os.path.realpath(__file__))}")
     print(json.dumps(vars(args), indent=1, default=str))
@@ -399,10 +445,13 @@ def setup(args, identity: dict, make_model=build_finetune_model, make_optimizer=
     dataset_train, dataset_val = build_datasets(args)
     num_classes = check_num_classes(args, dataset_train, dataset_val)
     args.class_names = check_class_names(args, list(dataset_train.classes))  # stored in every checkpoint
+    dataset_test = build_finetune_test_dataset(args, dataset_train.classes)
     # --skip_bad_files: how many the header check left out, logged in this run's first log.txt line
     args.skipped_bad_files = sum(getattr(d, "skipped_bad_files", 0) for d in (dataset_train, dataset_val))
-    print(f"train: {len(dataset_train)} images, val: {len(dataset_val)} images, {num_classes} classes")
-    loaders = build_loaders(args, dataset_train, dataset_val)
+    print(f"train: {len(dataset_train)} images, val: {len(dataset_val)} images, {num_classes} classes"
+          + (f"; test: {len(dataset_test)} images, scored once at the best val epoch" if dataset_test else
+             "; no test split: the best accuracy is chosen and measured on val"))
+    loaders = build_loaders(args, dataset_train, dataset_val, keep_last_batch)
     criterion, mixup_fn = build_criterion(args, num_classes)
 
     model = make_model(args, num_classes)
@@ -419,7 +468,8 @@ def setup(args, identity: dict, make_model=build_finetune_model, make_optimizer=
     max_accuracy = float(checkpoint.get("max_accuracy", 0.0)) if checkpoint else 0.0
     return dict(model=model, model_without_ddp=model_without_ddp, loaders=loaders, criterion=criterion,
                 mixup_fn=mixup_fn, optimizer=optimizer, loss_scaler=loss_scaler, num_classes=num_classes,
-                max_accuracy=max_accuracy, identity=identity, checkpoint=checkpoint)
+                max_accuracy=max_accuracy, identity=identity, checkpoint=checkpoint,
+                loader_test=build_test_loader(args, dataset_test))
 
 
 def main(args, setup_fn=setup):
@@ -434,6 +484,10 @@ def main(args, setup_fn=setup):
         test_stats = evaluate(loader_val, run["model_without_ddp"], args.device, args.amp_dtype,
                               run["num_classes"], sharded=args.dist_eval)
         print_eval_accuracy(len(loader_val.dataset), test_stats)
+        if run["loader_test"] is not None:  # the held-out split as well, reported on its own line
+            stats = evaluate(run["loader_test"], run["model_without_ddp"], args.device, args.amp_dtype,
+                             run["num_classes"], sharded=args.dist_eval)
+            print(f"Accuracy on the {len(run['loader_test'].dataset)} images of the test split: {stats['acc1']:.2f}%")
         return test_stats
     prepare_output_dir(args.output_dir)
     prepare_output_dir(args.log_dir, "--log_dir")

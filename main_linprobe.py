@@ -6,7 +6,9 @@
 The encoder is loaded exactly as main_finetune.py loads --finetune (student 1 by default, or an encoder-only
 file) and frozen; only the head BatchNorm1d(affine=False) -> Linear is trained. The flags are main_finetune's
 with linear-probe defaults (SGD momentum 0.9, blr 0.1, no weight decay, no mixup/cutmix/smoothing,
-no drop path); log.txt and checkpoints have the same format as fine-tuning's.
+no drop path); log.txt and checkpoints have the same format as fine-tuning's, and the same selection rule (the
+epoch is chosen on val; a test/ split is scored once at that epoch). The last partial training batch is kept (a
+batch of one is dropped: BatchNorm), so small data sets train every image every epoch.
 MAE trains its probe with LARS at batch 16384 (--optimizer lars, --batch_size x --accum_iter x GPUs = 16384);
 SGD with momentum is the usual choice at the batch sizes of cell data sets, and the BatchNorm in front of the
 linear layer makes it insensitive to the feature scale. With --recipe imagenet the images get MAE's probe
@@ -69,9 +71,12 @@ def build_optimizer(args, model_without_ddp):
 
 
 def setup(args, identity: dict):
-    """main_finetune.setup with the frozen model and the head-only optimiser."""
+    """main_finetune.setup with the frozen model, the head-only optimiser, and the last partial batch kept: linear
+    probes run on a few hundred crops, where batch 256 with drop_last would train one step per epoch (the steps
+    per epoch are printed)."""
     check_args(args)
-    return main_finetune.setup(args, identity, make_model=build_probe_model, make_optimizer=build_optimizer)
+    return main_finetune.setup(args, identity, make_model=build_probe_model, make_optimizer=build_optimizer,
+                               keep_last_batch=True)
 
 
 def main(args):

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
-from torchvision.transforms import v2
 
 import models_dama
 import util.misc as misc
@@ -20,9 +19,9 @@ from util.checkpoint import (add_resume_args, check_save_schedule, describing_ch
                               find_resume_checkpoint, resume, run_identity, run_is_finished, save_model, saved_args)
 from util.channels import add_channel_name_args, data_channel_names
 from util.cli import add_bool_flag, run_tool
-from util.datasets import build_pretrain_dataset, data_root, dataset_kind
+from util.datasets import build_pretrain_dataset
 from util.errors import ConfigError, DataError
-from util.gpu_augment import GPUAugment, build_gpu_pretrain_dataset
+from util.gpu_augment import build_gpu_augment, build_gpu_pretrain_dataset
 from util.imagenet import (DeviceDecode, add_recipe_arg, build_encoded_pretrain_dataset, recipe_in_chans,
                            resolve_recipe)
 from util.knn import KnnMonitor, add_knn_args
@@ -30,11 +29,12 @@ from util.lr_decay import param_groups_weight_decay
 from util.lr_sched import resolve_lr
 from util.normalize import add_normalize_args, check_percentiles, describe
 from util.output import exclusive_output_dir, prepare_output_dir
-from util.packed import describe_folder_dataset, open_packed_dataset, prepared_layout
 from util.run_control import MidEpochCheckpoints, SaveSchedule, StopSignals
 from util.sampling import resumable_loader
-from util.transforms import TensorTransform
-from util.visualize import write_training_figure
+from util.transforms import add_augmentation_flags, augmentation_options
+from util.visualize import parse_channels, write_training_figure
+
+INIT_CHECKPOINT = "checkpoint-init.pth"  # --save_init / --epochs 0
 
 
 def get_args_parser():
@@ -54,7 +54,8 @@ def get_args_parser():
     parser.add_argument("--mask_overlap_ratio", default=0.5, type=float,
                         help="fraction of student 1's visible patches that student 2 also sees")
     parser.add_argument("--mask_sampling", default="adaptive", choices=models_dama.MASK_SAMPLINGS,
-                        help="student 2's mask: by student 1's loss (DAMA), at random (DAMA-rand), or 'reference': "
+                        help="student 2's mask: by student 1's loss (DAMA), at random with exactly O patches shared "
+                             "(DAMA-rand), 'independent' (its own uniform mask, about K*K/L shared), or 'reference': "
                              "the reference code's batch-wide overlap defect, for comparison runs")
     parser.add_argument("--last_k_blocks", default=6, type=int,
                         help="student 2's last k blocks averaged into the regression target")
@@ -78,7 +79,8 @@ def get_args_parser():
                         help="decoder heads (default: the checkpoint's when resuming, else 16 as the reference)")
     # Optimisation
     parser.add_argument("--batch_size", default=64, type=int, help="images per GPU per step")
-    parser.add_argument("--epochs", default=500, type=int)
+    parser.add_argument("--epochs", default=500, type=int,
+                        help="epochs to train (0: only write the untrained model as checkpoint-init.pth, see --save_init)")
     parser.add_argument("--warmup_epochs", default=40, type=int)
     parser.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps")
     parser.add_argument("--weight_decay", default=0.05, type=float)
@@ -110,6 +112,7 @@ def get_args_parser():
                             "per batch (for fast GPUs, where the CPU augmentation cannot keep up)")
     add_normalize_args(parser)
     add_channel_name_args(parser, check=False)
+    add_augmentation_flags(parser)
     # Run
     parser.add_argument("--output_dir", default="./output_dir", help="checkpoints and log.txt")
     parser.add_argument("--log_dir", default=None, help="TensorBoard folder (default: --output_dir)")
@@ -124,6 +127,12 @@ def get_args_parser():
                         help="every N epochs write <output_dir>/vis/recon_epoch<epoch>.png and a TensorBoard "
                              "image of both students' masks and reconstructions (0: off)")
     parser.add_argument("--vis_num_images", default=4, type=int, help="images in each --vis_freq figure")
+    parser.add_argument("--vis_channels", default=None,
+                        help="three channel indices shown as R,G,B in the --vis_freq figures, e.g. 0,3,5 (default: "
+                             "2,3,4 for 7 channels, the first three for 3 to 6, R/G for 2, grey for 1)")
+    add_bool_flag(parser, "save_init", False,
+                  help="write the model as built, before any training, to <output_dir>/checkpoint-init.pth (the "
+                       "random-init baseline: same init, position embeddings and saved args as the trained run)")
     add_resume_args(parser)
     add_knn_args(parser)
     misc.add_distributed_args(parser)
@@ -151,10 +160,13 @@ def resolve_defaults(args):
     args.log_dir = args.log_dir or args.output_dir
     resolve_recipe(args)  # --in_chans default, args.mean / args.std (stored in the checkpoint's args)
     for flag in ("batch_size", "epochs", "accum_iter", "save_freq", "print_freq", "vis_num_images"):
-        if getattr(args, flag) < 1:
-            raise ConfigError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+        if getattr(args, flag) < (0 if flag == "epochs" else 1):  # --epochs 0: only the initial checkpoint
+            raise ConfigError(f"--{flag} must be at least {0 if flag == 'epochs' else 1}, got {getattr(args, flag)}")
     check_save_schedule(args)
     check_percentiles(args.clip_percentiles)
+    augmentation_options(args)  # --crop_scale, --rotation, --max_shift: refused before anything is built
+    if args.vis_channels:
+        parse_channels(args.vis_channels, args.in_chans, "--vis_channels")
 
 
 def build_model(args):
@@ -165,23 +177,6 @@ def build_model(args):
         mask_ratio=args.mask_ratio, mask_overlap_ratio=args.mask_overlap_ratio, last_k_blocks=args.last_k_blocks,
         loss_beta=args.loss_beta, loss_alpha=args.loss_alpha, norm_pix_loss=args.norm_pix_loss,
         mask_sampling=args.mask_sampling, info_pairing=args.info_pairing, info_reduction=args.info_reduction)
-
-
-def build_training_dataset(args):
-    """The pretraining dataset; with --gpu_augment, items are S/2 crops for GPUAugment (a packed dataset gives them
-    through a crop-only transform)."""
-    if not args.gpu_augment:
-        return build_pretrain_dataset(args)
-    if dataset_kind(args) == "folder" and prepared_layout(data_root(args)) == "packed":
-        crop = args.img_size // 2
-        return open_packed_dataset(data_root(args), args, TensorTransform(v2.RandomCrop(crop), crop), split="train")
-    if args.normalize != "none":
-        raise ConfigError(f"--normalize {args.normalize} is not applied by the --gpu_augment workers yet; leave out "
-                          f"one of the two (or prepare the data with prepare_cells.py, which normalises it)")
-    dataset = build_gpu_pretrain_dataset(args)
-    if dataset_kind(args) == "folder":  # names (and the recipe) of a folder prepared with --format tiff
-        describe_folder_dataset(dataset, data_root(args), args, estimate=False)
-    return dataset
 
 
 def record_data_description(args, dataset):
@@ -203,6 +198,17 @@ def build_loader(dataset, args):
     return loader
 
 
+def save_initial_checkpoint(args, model, identity: dict) -> None:
+    """<output_dir>/checkpoint-init.pth: the model as built from --seed, before any step (epoch -1, so resuming from
+    it starts at epoch 0); an existing file is kept (a resumed run must not replace its own starting point)."""
+    path = Path(args.output_dir) / INIT_CHECKPOINT
+    if path.is_file():
+        print(f"Keeping the existing initial checkpoint {path}")
+        return
+    save_model(args, -1, model, None, None, name=INIT_CHECKPOINT, run=identity)
+    print(f"Wrote the untrained model to {path}")
+
+
 def main(args):
     describe_model(args)  # arch, sizes, channels and recipe from the checkpoint when left out
     identity = run_identity(args)  # the flags as given, before the other defaults and the lr are filled in
@@ -222,17 +228,21 @@ def train(args, identity: dict):
     find_resume_checkpoint(args, identity)  # another run in --output_dir is refused before anything is built
 
     model = build_model(args)  # config errors surface before any data is read
+    if args.save_init or args.epochs == 0:
+        save_initial_checkpoint(args, model, identity)
+        if args.epochs == 0:
+            return
     if args.decode == "gpu":
         dataset = build_encoded_pretrain_dataset(args)
     else:
-        dataset = build_training_dataset(args)
+        dataset = build_gpu_pretrain_dataset(args) if args.gpu_augment else build_pretrain_dataset(args)
     skipped = getattr(dataset, "skipped_bad_files", 0)  # --skip_bad_files: logged in this run's first log.txt line
     print(f"dataset: {len(dataset)} images" + (f" ({skipped} bad files left out)" if skipped else ""))
     record_data_description(args, dataset)
     data_loader = build_loader(dataset, args)
     knn_monitor = KnnMonitor(args) if args.knn_freq > 0 else None  # labelled-data errors surface now
     model.to(device)
-    batch_transform = GPUAugment(args.img_size).to(device) if args.gpu_augment else None
+    batch_transform = build_gpu_augment(args).to(device) if args.gpu_augment else None
     if args.decode == "gpu":
         batch_transform = DeviceDecode(args.img_size, args.mean, args.std).to(device)
     vis_dataset = None  # the --vis_freq figures (rank 0): full-size images, which device-side items are not
@@ -240,8 +250,7 @@ def train(args, identity: dict):
         vis_dataset = build_pretrain_dataset(args) if batch_transform is not None else dataset
     model_without_ddp = model
     print(f"model: {args.arch}, {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M "
-          f"trainable parameters; {model.num_visible} of {model.num_patches} patches visible per student, "
-          f"{model.num_overlap} shared")
+          f"trainable parameters; {model.mask_summary()}")
 
     eff_batch_size = args.batch_size * args.accum_iter * args.world_size
     resolve_lr(args, args.world_size)

@@ -19,8 +19,10 @@ from timm.models.vision_transformer import Block
 from util.pos_embed import get_2d_sincos_pos_embed
 from util.errors import ConfigError, DataError
 
-# 'reference' reproduces the reference code's batch-wide overlap defect, for comparison runs only.
-MASK_SAMPLINGS = ("adaptive", "random", "reference")
+# How student 2's mask is drawn (adaptive_masking): 'adaptive' is DAMA; 'random' the paper's DAMA-rand (the same
+# structure, exactly O patches shared, the rest at random); 'independent' a uniform mask of its own, independent of
+# student 1's; 'reference' the reference code's batch-wide overlap defect, for comparison runs only.
+MASK_SAMPLINGS = ("adaptive", "random", "independent", "reference")
 INFO_PAIRINGS = ("positional", "aligned")
 INFO_REDUCTIONS = ("sum", "mean")
 
@@ -41,20 +43,30 @@ def num_visible_patches(num_patches: int, mask_ratio: float) -> int:
     return int(num_patches * (1 - mask_ratio))
 
 
-def check_mask_config(num_patches: int, mask_ratio: float, mask_overlap_ratio: float) -> None:
-    """Reject settings for which the adaptive construction of `adaptive_masking` is impossible."""
+def check_mask_config(num_patches: int, mask_ratio: float, mask_overlap_ratio: float,
+                      sampling: str = "adaptive") -> None:
+    """Reject settings for which `adaptive_masking` cannot build student 2's mask.
+
+    With K = int(L (1 - r)) visible patches per student, O = int(K o) shared and H = L - 2K, student 2 sees the
+    K - O easiest of student 1's L - K hidden patches and hides the other H + O of them: that needs
+    0 < H + O <= L - K. (H + O <= L - K holds whenever O <= K; H + O > 0 means K - O < L - K.) 'independent'
+    masking needs only K >= 1.
+    """
     if not 0.0 <= mask_overlap_ratio <= 1.0:
         raise ConfigError(f"--mask_overlap_ratio must be in [0, 1], got {mask_overlap_ratio}")
     k = num_visible_patches(num_patches, mask_ratio)
     if k < 1:
         raise ConfigError(f"--mask_ratio {mask_ratio} leaves no visible patch out of {num_patches}")
+    if sampling == "independent":
+        return
     num_hard = num_patches - 2 * k
     num_overlap = int(k * mask_overlap_ratio)
     if not 0 < num_hard + num_overlap <= num_patches - k:
         raise ConfigError(
-            f"--mask_ratio {mask_ratio} with --mask_overlap_ratio {mask_overlap_ratio} is invalid for "
-            f"{num_patches} patches: student 2 must hide H+O = {num_hard}+{num_overlap} of student 1's "
-            f"{num_patches - k} hidden patches (need 0 < H+O <= L-K; use --mask_ratio >= 0.5)")
+            f"--mask_ratio {mask_ratio} with --mask_overlap_ratio {mask_overlap_ratio} is invalid for L = "
+            f"{num_patches} patches: K = {k} visible per student, O = {num_overlap} shared, H = L-2K = {num_hard}; "
+            f"student 2's mask needs 0 < H+O <= L-K, but H+O = {num_hard + num_overlap} and L-K = {num_patches - k} "
+            f"(raise --mask_ratio or --mask_overlap_ratio)")
 
 
 def mask_from_visible(ids_visible: torch.Tensor, num_patches: int) -> torch.Tensor:
@@ -85,6 +97,8 @@ def adaptive_masking(mask1, loss1, mask_overlap_ratio, sampling="adaptive", gene
       - sees O of student 1's visible patches chosen uniformly at random (the overlap),
       - hides the remaining K-O of student 1's visible patches.
     sampling='random' ("DAMA-rand") draws the K-O patches at random from student 1's hidden set instead.
+    sampling='independent' ignores all of that: student 2 gets K visible patches from its own uniform noise,
+    independent of student 1's mask (so K*K/L of them are shared on average, not exactly O).
     num_visible: K, when the caller knows it (avoids reading mask1 back to the host).
 
     Returns (mask2 [N, L], ids_shuffle2 [N, L], ids_restore2 [N, L]); ids_shuffle2[:, :K] are student 2's
@@ -96,6 +110,8 @@ def adaptive_masking(mask1, loss1, mask_overlap_ratio, sampling="adaptive", gene
     k = int((mask1[0] == 0).sum()) if num_visible is None else num_visible
     if sampling == "reference":
         return reference_adaptive_masking(mask1, loss1, mask_overlap_ratio, k)
+    if sampling == "independent":
+        return independent_masking(n, num_patches, k, mask1.device, generator)
     num_overlap = int(k * mask_overlap_ratio)
     mask1 = mask1.detach()
     hidden1 = mask1 > 0.5
@@ -124,6 +140,15 @@ def adaptive_masking(mask1, loss1, mask_overlap_ratio, sampling="adaptive", gene
     ids_restore2 = torch.argsort(ids_shuffle2, dim=1)
     mask2 = mask_from_visible(ids_keep2, num_patches)
     return mask2, ids_shuffle2, ids_restore2
+
+
+def independent_masking(batch_size: int, num_patches: int, num_visible: int, device=None, generator=None):
+    """Student 2's mask from its own uniform noise (`random_masking`), its visible patches put in raster order as
+    adaptive_masking gives them: (mask2 [N, L], ids_shuffle2 [N, L], ids_restore2 [N, L])."""
+    mask, ids_shuffle, _ = random_masking(batch_size, num_patches, num_visible, device, generator)
+    ids_keep = torch.sort(ids_shuffle[:, :num_visible], dim=1).values  # [N, K]
+    ids_shuffle = torch.cat([ids_keep, ids_shuffle[:, num_visible:]], dim=1)
+    return mask, ids_shuffle, torch.argsort(ids_shuffle, dim=1)
 
 
 def reference_adaptive_masking(mask1, loss1, mask_overlap_ratio, num_visible):
@@ -272,10 +297,11 @@ class MAEStudent(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
-        """MAE init: xavier-uniform Linear and patch-embed weights, zero biases, LayerNorm 1/0, tokens N(0, .02)."""
+        """MAE init: xavier-uniform Linear and patch-embed weights, zero Linear biases, LayerNorm 1/0, tokens
+        N(0, .02). The patch-embed conv bias keeps PyTorch's default init, as in the official MAE and the reference
+        DAMA (their init touches only Linear and LayerNorm modules)."""
         w = self.patch_embed.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.patch_embed.proj.bias)
         nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
         self.apply(_init_linear_and_norm)
@@ -371,9 +397,12 @@ class DAMA(nn.Module):
                                      ("--info_reduction", info_reduction, INFO_REDUCTIONS)):
             if value not in choices:
                 raise ConfigError(f"{flag} must be one of {choices}, got {value!r}")
-        if mask_sampling == "reference" and info_pairing == "aligned":
-            raise ConfigError("--info_pairing aligned needs exact masks; --mask_sampling reference does not give "
-                             "student 2 exactly O of student 1's patches (use adaptive or random)")
+        if mask_sampling in ("reference", "independent") and info_pairing == "aligned":
+            raise ConfigError(f"--info_pairing aligned needs exact masks; --mask_sampling {mask_sampling} does not give "
+                              "student 2 exactly O of student 1's patches (use adaptive or random)")
+        for flag, value in (("--loss_alpha", loss_alpha), ("--loss_beta", loss_beta)):
+            if value < 0:  # (NaN passes: tests/test_pretrain.py provokes a non-finite loss with it)
+                raise ConfigError(f"{flag} must be >= 0, got {value}")
         student = partial(MAEStudent, img_size, patch_size, in_chans, embed_dim, depth, num_heads,
                           decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio)
         self.student1 = student()
@@ -382,13 +411,19 @@ class DAMA(nn.Module):
 
         self.patch_size, self.in_chans = patch_size, in_chans
         self.num_patches = self.student1.num_patches
-        check_mask_config(self.num_patches, mask_ratio, mask_overlap_ratio)
+        check_mask_config(self.num_patches, mask_ratio, mask_overlap_ratio, mask_sampling)
         self.mask_ratio, self.mask_overlap_ratio = mask_ratio, mask_overlap_ratio
         self.num_visible = num_visible_patches(self.num_patches, mask_ratio)
         self.num_overlap = int(self.num_visible * mask_overlap_ratio)
         self.last_k_blocks, self.loss_beta, self.loss_alpha = last_k_blocks, loss_beta, loss_alpha
         self.norm_pix_loss, self.mask_sampling = norm_pix_loss, mask_sampling
         self.info_pairing, self.info_reduction = info_pairing, info_reduction
+
+    def mask_summary(self) -> str:
+        """How many patches each student sees and shares, for the run's log."""
+        shared = (f"about {self.num_visible ** 2 / self.num_patches:.1f} shared on average (independent masks)"
+                  if self.mask_sampling == "independent" else f"{self.num_overlap} shared")
+        return f"{self.num_visible} of {self.num_patches} patches visible per student, {shared}"
 
     def forward(self, imgs, info_weight=1.0, generator=None):
         """imgs [N, C, H, W] -> dict of losses, masks ([N, L], 1 = hidden) and predictions [N, L, p*p*C].
@@ -459,6 +494,9 @@ class MAE(nn.Module):
         self.num_visible = num_visible_patches(self.num_patches, mask_ratio)
         if self.num_visible < 1:
             raise ConfigError(f"--mask_ratio {mask_ratio} leaves no visible patch out of {self.num_patches}")
+
+    def mask_summary(self) -> str:
+        return f"{self.num_visible} of {self.num_patches} patches visible (one student)"
 
     def forward(self, imgs, info_weight=1.0, generator=None):
         """imgs [N, C, H, W] -> dict of the loss and student 1's mask [N, L], prediction [N, L, p*p*C], per-patch

@@ -41,8 +41,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", default=None, type=int,
                         help="seed of the augmentation and the masks (default: the checkpoint's --seed)")
     parser.add_argument("--num_images", default=4, type=int, help="images (rows) in the figure")
-    parser.add_argument("--channels", default=None,
-                        help="three channel indices shown as R,G,B (default 2,3,4 = NeuN,S100,Olig2 for 7 channels)")
+    parser.add_argument("--vis_channels", "--channels", dest="vis_channels", default=None,
+                        help="three channel indices shown as R,G,B, e.g. 0,3,5 (default: the checkpoint's "
+                             "--vis_channels, else 2,3,4 = NeuN,S100,Olig2 for 7 channels, the first three for 3 to 6, "
+                             "channel 0 red and 1 green for 2, grey for 1)")
     parser.add_argument("--per_channel", action="store_true", help="add one grey-scale row per channel")
     parser.add_argument("--view", default="train", choices=["train", "center"],
                         help="train: the pretraining augmentation (fixed seed); center: the central half of "
@@ -92,7 +94,8 @@ def figure_dataset(args, view: str):
 def main(cli: argparse.Namespace) -> Path:
     checkpoint = load_checkpoint(cli.checkpoint)
     args = run_args(cli, checkpoint)
-    channels = parse_channels(cli.channels, args.in_chans) if cli.channels else None
+    vis_channels = cli.vis_channels or getattr(args, "vis_channels", None)  # checked before the model is built
+    channels = parse_channels(vis_channels, args.in_chans, "--vis_channels") if vis_channels else None
     device = torch.device(cli.device)
     model = load_model(checkpoint, args, cli.checkpoint).to(device)
     imgs = fixed_batch(figure_dataset(args, cli.view), cli.num_images, args.seed).to(device)

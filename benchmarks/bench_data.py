@@ -15,7 +15,10 @@ temporary folder (or reads --data_path), then measures, for each --img_size:
        S/2 crop the --gpu_augment workers cut); single process, one thread (one worker).
 
 each single-process with one thread (what one DataLoader worker does) and through a DataLoader with
---num_workers workers. For scale: the reference's numpy/cv2 pipeline does about 230 img/s per core at
+--num_workers workers. With `--stages` (or --pipelines stages) it also times each stage of one image on one
+thread, for the CPU path (read, crop, to-float, resize, then rotate + shift + flips as the one warp the pipeline
+runs, and the same steps of the torchvision v2 float pipeline this code used before, stage by stage) and the
+GPU path (worker: read, crop + to-float; device: resize and warp per batch), in ms per image (bench_stages). For scale: the reference's numpy/cv2 pipeline does about 230 img/s per core at
 224 px; feeding issue 6's targets from 16 cores needs about 3,500/16 = 220 img/s per worker at 224 px
 (ViT-B) and 12,000/16 = 750 at 128 px (ViT-T).
 
@@ -52,9 +55,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's mo
 from benchmarks.common import emit, fmt  # noqa: E402
 from util.datasets import ImageFileDataset, list_images  # noqa: E402
 from util.packed import CELLS_CSV, DATASET_JSON, FORMAT_NAME, FORMAT_VERSION, PackedCells, PackedWriter  # noqa: E402
-from util.gpu_augment import CroppedImageFiles, GPUAugment, crop_size  # noqa: E402
+from util.gpu_augment import CroppedImageFiles, GPUAugment, WorkerCrop, crop_size  # noqa: E402
+from util.io import read_image, read_tensor_chw  # noqa: E402
 from util.synthetic import SyntheticCells  # noqa: E402
-from util.transforms import TensorTransform, build_pretrain_transform  # noqa: E402
+from util.transforms import (TensorTransform, augment_batch, build_pretrain_transform, crop_float,  # noqa: E402
+                             dtype_scale, resize, sample_warp)
 
 REFERENCE_IMG_PER_S_PER_CORE = {224: 230}  # the reference's numpy/cv2 pipeline (issue 6)
 IMAGENET_TARGET_IMG_PER_S = 4000  # issue 20: ViT-B/16 at 224 px on one GPU
@@ -62,6 +67,8 @@ IMAGENET_PIPELINES = ("imagenet_pretrain", "imagenet_finetune", "imagenet_eval",
 TARGET_IMG_PER_S = {224: 3500, 128: 12000}  # issue 6's training targets (ViT-B at 224, ViT-T at 128)
 LAYOUTS = ("channel_last", "planar")
 FILE_PIPELINES = ("cpu", "gpu")
+# The reference's uint16 numpy/cv2 pipeline per 7-channel image on one core of the development machine (issue 17)
+REFERENCE_CPU_MS_PER_IMG = {128: 1.5, 224: 4.4}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -239,6 +246,183 @@ def bench_packed(args, tmp: Path) -> list:
     return rows
 
 
+
+
+# --------------------------------------------------------------------------------------------------
+# Stages: ms per image of each step, CPU and GPU paths (issue 17)
+# --------------------------------------------------------------------------------------------------
+def ms_per_call(fn, min_seconds: float, min_calls: int = 20, repeats: int = 5) -> float:
+    """ms of fn() on one thread: the best of `repeats` means over at least min_calls calls and min_seconds /
+    repeats seconds each, after one warm-up call (best-of, as timeit: other load on the machine only adds time)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fn()
+        best = float("inf")
+        for _ in range(repeats):
+            count, begin = 0, time.perf_counter()
+            while count < min_calls or time.perf_counter() - begin < min_seconds / repeats:
+                fn()
+                count += 1
+            best = min(best, (time.perf_counter() - begin) * 1e3 / count)
+        return best
+    finally:
+        torch.set_num_threads(threads)
+
+
+def v2_float_stages(img_size: int):
+    """The torchvision v2 float pipeline this project ran before (read_image, then these steps), step by step."""
+    from torchvision.transforms import InterpolationMode, v2
+    return [("crop", v2.RandomCrop(img_size // 2)),
+            ("resize", v2.Resize((img_size, img_size), interpolation=InterpolationMode.BICUBIC, antialias=True)),
+            ("rotate", v2.RandomRotation(90, interpolation=InterpolationMode.BILINEAR, fill=0)),
+            ("shift", v2.RandomAffine(degrees=0, translate=(0.3, 0.3), fill=0)),
+            ("flips", v2.Compose([v2.RandomHorizontalFlip(0.5), v2.RandomVerticalFlip(0.5)]))]
+
+
+def reference_cv2_stages(img_size: int):
+    """The reference code's uint16 pipeline (numpy + OpenCV on an H x W x C array; reference-behaviour.md), step by
+    step, for a side-by-side measurement: [(stage, fn(image) -> image)], or [] when OpenCV is not installed (it is
+    no dependency of this project: `pip install opencv-python-headless` to add these rows)."""
+    try:
+        import cv2
+    except ImportError:
+        return []
+    import random
+    cv2.setNumThreads(1)
+    crop = img_size // 2
+
+    def crop_resize(image):  # fixed S/2 window at a random top-left, then cv2.resize with PIL's BICUBIC = INTER_AREA
+        top, left = random.randint(0, image.shape[0] - crop), random.randint(0, image.shape[1] - crop)
+        return cv2.resize(image[top:top + crop, left:left + crop], (img_size, img_size), interpolation=3)
+
+    def rotate(image):
+        h, w = image.shape[:2]
+        matrix = cv2.getRotationMatrix2D((w / 2, h / 2), random.uniform(-90, 90), 1)
+        return cv2.warpAffine(image, matrix, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                              borderValue=0)
+
+    def shift(image):
+        h, w = image.shape[:2]
+        limit = int(0.3 * h)
+        matrix = np.float32([[1, 0, random.randint(-limit, limit)], [0, 1, random.randint(-limit, limit)]])
+        return cv2.warpAffine(image, matrix, (w, h), borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+    def flips(image):
+        image = cv2.flip(image, 1) if random.random() < 0.5 else image
+        return cv2.flip(image, 0) if random.random() < 0.5 else image
+
+    def to_float(image):  # ToTensor: uint16 / 65535, H x W x C -> C x H x W
+        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div(65535)
+
+    return [("crop + resize", crop_resize), ("rotate", rotate), ("shift", shift), ("flips", flips),
+            ("to-float", to_float)]
+
+
+def stage_row(pipeline, img_size, stage, ms, note="") -> dict:
+    return dict(pipeline=pipeline, img_size=img_size, stage=stage, ms_per_img=round(ms, 4), note=note,
+                reference_cpu_ms_per_img=REFERENCE_CPU_MS_PER_IMG.get(img_size))
+
+
+def bench_stages(paths, img_size: int, device, min_seconds: float, batch_size: int) -> list:
+    """ms per image of each stage of one 7-channel image: the CPU path as it runs now (stage by stage and whole),
+    the v2 float pipeline it replaced (stage by stage and whole), and the --gpu_augment split (worker stages per
+    image; device stages per batch / batch size)."""
+    rows, file_index = [], iter(range(10 ** 9))
+
+    def next_path():
+        return paths[next(file_index) % len(paths)]
+
+    # CPU path now: integer image -> crop (a view) -> to-float (the crop) -> resize -> one warp (rotate, shift,
+    # flips, zero fill and the dtype scale together)
+    transform = build_pretrain_transform(img_size)
+    image = read_tensor_chw(paths[0])
+    top, left, side = transform.window.sample(*image.shape[-2:])
+    crop = crop_float(image, top, left, side)[None]
+    resized = resize(crop, img_size)
+    warp = sample_warp(1, img_size, 90.0, 0.3)
+    now = [("read", lambda: read_tensor_chw(next_path()), "uint16 as stored"),
+           ("crop", lambda: image[:, top:top + side, left:left + side], "integer view"),
+           ("to-float", lambda: crop_float(image, top, left, side), "the crop only"),
+           ("resize", lambda: resize(crop, img_size), "bicubic, antialias; matrix products up to 160 px"),
+           ("rotate+shift+flips", lambda: augment_batch(resized, img_size, *warp, scale=dtype_scale(image.dtype)),
+            "one grid_sample; scale folded in")]
+    total = 0.0
+    for stage, fn, note in now:
+        ms = ms_per_call(fn, min_seconds)
+        total += ms
+        rows.append(stage_row("cpu", img_size, stage, ms, note))
+    rows.append(stage_row("cpu", img_size, "sum of stages", total))
+    rows.append(stage_row("cpu", img_size, "augmentation, read excluded (measured whole)", ms_per_call(lambda: transform(image),
+                                                                                        min_seconds)))
+    # before: read_image (float32) and the v2 steps
+    float_image = read_image(paths[0])
+    total = ms_per_call(lambda: read_image(next_path()), min_seconds)
+    rows.append(stage_row("cpu_v2_float (before)", img_size, "read + to-float", total, "whole image"))
+    x = float_image
+    for stage, step in v2_float_stages(img_size):
+        ms = ms_per_call(lambda step=step, x=x: step(x), min_seconds)
+        total += ms
+        rows.append(stage_row("cpu_v2_float (before)", img_size, stage, ms))
+        x = step(x)
+    rows.append(stage_row("cpu_v2_float (before)", img_size, "sum of stages", total))
+    from torchvision.transforms import v2
+    before = v2.Compose([step for _, step in v2_float_stages(img_size)])
+    rows.append(stage_row("cpu_v2_float (before)", img_size, "augmentation, read excluded (measured whole)",
+                          ms_per_call(lambda: before(float_image), min_seconds)))
+    # the reference's uint16 numpy/cv2 pipeline, measured here too when OpenCV is installed
+    reference = reference_cv2_stages(img_size)
+    if reference:
+        x = np.ascontiguousarray(read_tensor_chw(paths[0]).numpy().transpose(1, 2, 0))  # H x W x C uint16
+        total = 0.0
+        for stage, step in reference:
+            ms = ms_per_call(lambda step=step, x=x: step(x), min_seconds)
+            total += ms
+            rows.append(stage_row("reference_cv2", img_size, stage, ms, "uint16 until to-float"))
+            x = step(x)
+        rows.append(stage_row("reference_cv2", img_size, "sum of stages", total, "read excluded"))
+    # --gpu_augment: the worker reads and crops; the device resizes and warps a batch
+    worker = WorkerCrop(img_size)
+    rows.append(stage_row("gpu", img_size, "read (worker)", ms_per_call(lambda: read_tensor_chw(next_path()),
+                                                                          min_seconds)))
+    rows.append(stage_row("gpu", img_size, "crop + to-float (worker)", ms_per_call(lambda: worker(image),
+                                                                                     min_seconds)))
+    crops = torch.rand(batch_size, image.shape[0], crop_size(img_size), crop_size(img_size), device=device)
+    params = sample_warp(batch_size, img_size, 90.0, 0.3, device)
+    batch_resized = resize(crops, img_size)
+    for stage, fn in (("resize (device)", lambda: resize(crops, img_size)),
+                      ("rotate+shift+flips (device)", lambda: augment_batch(batch_resized, img_size, *params))):
+        rows.append(stage_row("gpu", img_size, stage, device_ms(fn, device, min_seconds) / batch_size,
+                              f"batch {batch_size} on {device}"))
+    return rows
+
+
+def device_ms(fn, device, min_seconds: float) -> float:
+    """ms per call of fn on `device` (CUDA events on a GPU, one thread on the CPU)."""
+    if device.type != "cuda":
+        return ms_per_call(fn, min_seconds, min_calls=3, repeats=1)
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize(device)
+    start.record()
+    for _ in range(20):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 20
+
+
+def stages_table(rows) -> str:
+    lines = ["| path | img | stage | ms/img | note |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['pipeline']} | {r['img_size']} | {r['stage']} | {r['ms_per_img']:.3f} | {r['note']} |")
+    sizes = sorted({r["img_size"] for r in rows})
+    reference = ", ".join(f"{REFERENCE_CPU_MS_PER_IMG[s]} ms at {s} px" for s in sizes if s in REFERENCE_CPU_MS_PER_IMG)
+    if reference:
+        lines.append(f"\nReference uint16 numpy/cv2 pipeline (augmentation, one core): {reference} (issue 17).")
+    return "\n".join(lines)
+
+
 def markdown_table(rows) -> str:
     lines = ["| pipeline | layout | img | file | workers | img/s | img/s/worker | ms/img | workers for target |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -371,11 +555,14 @@ def get_args_parser():
     parser.add_argument("--compression", default=None, choices=[None, "zlib", "lzw"], help="TIFF compression")
     parser.add_argument("--data_path", default=None,
                         help="measure these image files instead of writing random ones (one 'layout': data_path)")
-    parser.add_argument("--pipelines", nargs="+", choices=[*FILE_PIPELINES, "synthetic", "packed", *IMAGENET_PIPELINES],
+    parser.add_argument("--pipelines", nargs="+",
+                        choices=[*FILE_PIPELINES, "synthetic", "packed", "stages", *IMAGENET_PIPELINES],
                         default=[*FILE_PIPELINES, "synthetic", "packed"],
-                        help="pipelines to time (--recipe imagenet: the imagenet_* ones, default all of them)")
+                        help="pipelines to time ('stages': ms per image of each augmentation stage, CPU and GPU "
+                             "paths, also --stages; --recipe imagenet: the imagenet_* ones, default all of them)")
     parser.add_argument("--packed_sizes", nargs="+", type=int, default=[64, 128],
                         help="crop sides of the 'packed' rows (packed cells.npy vs one TIFF per crop)")
+    parser.add_argument("--stages", action="store_true", help="add the per-stage rows ('stages' pipeline)")
     parser.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="DataLoader workers for the loader rows (0: single-process rows only)")
     parser.add_argument("--batch_size", type=int, default=64)
@@ -406,6 +593,8 @@ def file_sets(args, tmp: Path):
 
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
+    if args.stages and "stages" not in args.pipelines:
+        args.pipelines.append("stages")
     device = torch.device(args.device)
     if args.recipe == "imagenet":
         with tempfile.TemporaryDirectory(prefix="dama_bench_imagenet_") as tmp:
@@ -415,12 +604,17 @@ def main(argv=None) -> int:
         print()
         print(imagenet_table(rows))
         return 0
-    rows = []
+    rows, stage_rows, staged_sizes = [], [], set()
     with tempfile.TemporaryDirectory(prefix="dama_bench_data_") as tmp:
         for layout, img_size, paths in file_sets(args, Path(tmp)):
             for row in bench_files(paths, layout, img_size, args):
                 rows.append(row)
                 emit(row, args.out)
+            if "stages" in args.pipelines and img_size not in staged_sizes:  # the first layout of each size
+                staged_sizes.add(img_size)
+                for row in bench_stages(paths, img_size, device, args.min_seconds, args.augment_batch_size):
+                    stage_rows.append({**row, "layout": layout})
+                    emit(stage_rows[-1], args.out)
     if "synthetic" in args.pipelines:
         for img_size in args.img_size:
             rate = time_single_process(SyntheticCells(args.num_files, img_size, args.in_chans), args.min_seconds)
@@ -441,6 +635,9 @@ def main(argv=None) -> int:
             emit(row, args.out)
     print()
     print(markdown_table(rows))
+    if stage_rows:
+        print()
+        print(stages_table(stage_rows))
     return 0
 
 

@@ -147,3 +147,26 @@ def test_bench_data_packed_rows_against_tiff_files(capsys):
         for s in (16, 32)}
     assert all(r["workers"] == 0 and r["img_per_s_per_worker"] > 0 for r in rows)
     assert "| read | packed | 16 |" in stdout
+
+
+def test_bench_data_stage_rows_for_the_cpu_path_before_and_after_and_the_gpu_path(tmp_path):
+    """--stages: ms per image of every stage (read, crop, to-float, resize, the warp; the v2 float pipeline's read,
+    crop, resize, rotate, shift, flips; the --gpu_augment worker and device steps)."""
+    spec = importlib.util.spec_from_file_location("bench_data", REPO / "benchmarks" / "bench_data.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    paths = bench.write_tiffs(tmp_path, 2, 32, 7, "planar", None)
+    rows = bench.bench_stages(paths, 32, torch.device("cpu"), min_seconds=0.0, batch_size=2)
+    stages = {(r["pipeline"], r["stage"]) for r in rows}
+    assert {("cpu", s) for s in ("read", "crop", "to-float", "resize", "rotate+shift+flips")} <= stages
+    assert {("cpu_v2_float (before)", s) for s in ("read + to-float", "crop", "resize", "rotate", "shift", "flips")} \
+        <= stages
+    assert {("gpu", s) for s in ("read (worker)", "crop + to-float (worker)", "resize (device)",
+                                 "rotate+shift+flips (device)")} <= stages
+    assert all(r["ms_per_img"] > 0 for r in rows)
+    for pipeline in ("cpu", "cpu_v2_float (before)"):  # the sum row adds up its stages
+        parts = [r["ms_per_img"] for r in rows if r["pipeline"] == pipeline and "sum" not in r["stage"]
+                 and "whole" not in r["stage"]]
+        (total,) = [r["ms_per_img"] for r in rows if r["pipeline"] == pipeline and r["stage"] == "sum of stages"]
+        assert total == pytest.approx(sum(parts), abs=1e-3)
+    assert "| cpu | 32 | resize |" in bench.stages_table(rows)

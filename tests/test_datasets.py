@@ -1,12 +1,11 @@
-"""Tests of the data modules: reading (util.io), augmentation (util.transforms), synthetic cells (util.synthetic),
-builders (util.datasets) and the error line (util.cli)."""
+"""Tests of the data modules: reading (util.io), synthetic cells (util.synthetic), builders (util.datasets) and the
+error line (util.cli). The augmentation (util.transforms) is tested in test_transforms.py."""
 from argparse import Namespace
 
 import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
-from torchvision.transforms import InterpolationMode, v2
 
 from util import datasets, synthetic
 from util.cli import error_line
@@ -14,19 +13,12 @@ from util.datasets import build_finetune_dataset, build_pretrain_dataset
 from util.errors import DataError
 from util.io import check_image, read_image
 from util.synthetic import SyntheticCells
-from util.transforms import build_finetune_transform, build_pretrain_transform
 
 
 def make_args(**overrides) -> Namespace:
     args = dict(dataset="folder", data_path=None, img_size=32, in_chans=7, synthetic_size=20, seed=0)
     args.update(overrides)
     return Namespace(**args)
-
-
-def stage(transform, kind):
-    """The one step of type `kind` inside a TensorTransform's v2 pipeline."""
-    (found,) = [step for step in transform.pipeline.transforms if isinstance(step, kind)]
-    return found
 
 
 # ---------------------------------------------------------------- reading files
@@ -80,72 +72,6 @@ def test_jpeg_rgb_reads_as_three_channels(tmp_path, write_image):
     array = np.full((3, 8, 8), 200, np.uint8)
     image = read_image(write_image(tmp_path / "x.jpeg", array, "jpeg"))
     assert image.shape == (3, 8, 8) and abs(image.mean().item() - 200 / 255) < 0.02  # lossy, nearly exact
-
-
-# ---------------------------------------------------------------- augmentation
-
-@pytest.mark.parametrize("channels, size", [(7, 32), (3, 64), (1, 16)])
-def test_pretrain_transform_output_shape(channels, size):
-    out = build_pretrain_transform(size)(torch.rand(channels, size + 5, size))
-    assert out.shape == (channels, size, size) and out.dtype == torch.float32
-
-
-def test_random_crop_is_a_half_size_window_at_random_positions():
-    torch.manual_seed(0)
-    image = torch.arange(32 * 32, dtype=torch.float32).reshape(1, 32, 32)  # every pixel unique
-    crop = stage(build_pretrain_transform(32), v2.RandomCrop)
-    corners = set()
-    for _ in range(20):
-        window = crop(image)
-        top, left = divmod(int(window[0, 0, 0]), 32)
-        assert torch.equal(window, image[:, top:top + 16, left:left + 16])
-        corners.add((top, left))
-    assert len(corners) > 10
-
-
-def test_rotation_fills_corners_with_zeros_and_varies():
-    torch.manual_seed(0)
-    rotate = stage(build_pretrain_transform(32), v2.RandomRotation)
-    outputs = [rotate(torch.ones(7, 32, 32)) for _ in range(10)]
-    for out in outputs:
-        assert out[:, 16, 16].eq(1).all()  # the centre stays inside the image
-    assert sum(bool(out[:, 0, 0].eq(0).all()) for out in outputs) >= 8  # corners of a rotated image are fill
-    assert len({out.sum().item() for out in outputs}) == 10  # every draw rotates by a different angle
-
-
-def test_shift_moves_the_image_with_zero_fill():
-    torch.manual_seed(0)
-    shift = stage(build_pretrain_transform(40), v2.RandomAffine)
-    outputs = [shift(torch.ones(2, 40, 40)) for _ in range(10)]
-    zero_rows = [int(out[0].eq(0).all(dim=1).sum()) for out in outputs]
-    assert max(zero_rows) <= 12 and len(set(zero_rows)) > 3  # up to 30% of 40 px, random amount
-
-
-def test_flips_happen_about_half_the_time():
-    torch.manual_seed(0)
-    image = torch.arange(16, dtype=torch.float32).reshape(1, 4, 4)
-    flip = stage(build_pretrain_transform(4), v2.RandomHorizontalFlip)
-    flipped = sum(torch.equal(flip(image), image.flip(-1)) for _ in range(200))
-    assert 70 < flipped < 130
-
-
-def test_pretrain_transform_draws_differ_and_follow_the_torch_seed():
-    transform, image = build_pretrain_transform(32), torch.rand(7, 48, 48)
-    torch.manual_seed(3)
-    first = [transform(image) for _ in range(5)]
-    torch.manual_seed(3)
-    again = [transform(image) for _ in range(5)]
-    assert all(torch.equal(a, b) for a, b in zip(first, again))
-    assert all(not torch.equal(first[i], first[j]) for i in range(5) for j in range(i + 1, 5))
-
-
-def test_val_transform_is_a_deterministic_centre_crop_and_resize():
-    image = torch.rand(7, 60, 60)
-    transform = build_finetune_transform(False, 32, val_crop=48)
-    out = transform(image)
-    assert out.shape == (7, 32, 32) and torch.equal(out, transform(image))
-    expected = v2.functional.resize(image[:, 6:54, 6:54], [32, 32], interpolation=InterpolationMode.BICUBIC)
-    torch.testing.assert_close(out, expected)
 
 
 # ---------------------------------------------------------------- synthetic cells

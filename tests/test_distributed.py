@@ -81,7 +81,7 @@ def test_torchrun_finetune_two_ranks_dist_eval(tmp_path):
     assert "(n=8)" in result.stdout
     epoch_line, final_line = log_lines(out)
     assert epoch_line["epoch"] == 0 and 0 <= epoch_line["test_acc1"] <= 100
-    assert final_line == {"max_accuracy": epoch_line["test_acc1"]}
+    assert final_line == {"max_accuracy": epoch_line["test_acc1"], "selected_on": "val"}
     assert load_checkpoint(out / "checkpoint.pth")["epoch"] == 0
 
 

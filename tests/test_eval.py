@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -134,7 +135,7 @@ def test_mae_pretraining_with_knn_monitor_then_finetune_load_and_linear_probe(tm
                                   "--finetune", str(out / "checkpoint.pth"), "--output_dir", str(probe)])
     assert code == 0
     log = read_log(probe / "log.txt")
-    assert "test_acc1" in log[0] and log[-1] == {"max_accuracy": log[0]["test_acc1"]}
+    assert "test_acc1" in log[0] and log[-1] == {"max_accuracy": log[0]["test_acc1"], "selected_on": "val"}
     probed = torch.load(probe / "checkpoint.pth", weights_only=True)["model"]
     encoder_keys = [k for k in probed if not k.startswith(("head.", "fc_norm."))]
     assert len(encoder_keys) > 100
@@ -148,75 +149,196 @@ def test_mae_pretraining_with_knn_monitor_then_finetune_load_and_linear_probe(tm
 # Cross-validation table
 # ------------------------------------------------------------------------------------------------
 def short_dama_run(out: Path) -> Path:
-    """The checkpoint of a real (tiny) DAMA pretraining run: one epoch, two steps, on the synthetic set."""
+    """The checkpoint of a real (tiny) DAMA pretraining run: one epoch, two steps, on the synthetic set; --save_init
+    also keeps its starting point, checkpoint-init.pth."""
     run_script("main_pretrain.py", "--dataset", "synthetic", "--arch", "main_vit_tiny", *TINY, "--synthetic_size", "16",
                "--batch_size", "8", "--epochs", "1", "--decoder_embed_dim", "32", "--decoder_depth", "1",
-               "--decoder_num_heads", "2", "--output_dir", out)
+               "--decoder_num_heads", "2", "--save_init", "--output_dir", out)
     assert [line["epoch"] for line in read_log(out / "log.txt")] == [0]
     return out / "checkpoint.pth"
 
 
-def fold_result(log_path: Path) -> float:
-    """What the table must show for one run: the best test accuracy of its log, which it also records."""
-    log = read_log(Path(log_path))
-    best = max(line["test_acc1"] for line in log if "test_acc1" in line)
-    assert log[-1] == {"max_accuracy": best}
-    return best
+def grouped_folder(root: Path, write_image, groups=("a1", "a2", "a3", "a4"), classes=("astro", "neuron"),
+                   per_group=2) -> Path:
+    """<root>/<class>/<animal>/<n>.tif: every animal has crops of every class (uint16, 40 px)."""
+    rng = np.random.default_rng(0)
+    for cls in classes:
+        for group in groups:
+            for n in range(per_group):
+                write_image(root / cls / group / f"{n}.tif", rng.integers(0, 65536, (7, 40, 40)).astype(np.uint16))
+    return root
 
 
-def check_table(out: Path, names: list, num_folds: int):
+def check_grouped_split(folds: dict, num_images: int):
+    """From folds.json: the test folds partition the images; per fold test / train / val are disjoint, cover every
+    image, and no group is on two of them."""
+    tests = [{e["path"] for e in fold["test"]} for fold in folds["folds"]]
+    assert sum(map(len, tests)) == num_images and len(set.union(*tests)) == num_images
+    for fold in folds["folds"]:
+        paths = {split: {e["path"] for e in fold[split]} for split in ("test", "train", "val")}
+        groups = {split: {e["group"] for e in fold[split]} for split in ("test", "train", "val")}
+        assert len(set.union(*paths.values())) == sum(map(len, paths.values())) == num_images
+        assert all(paths.values())  # no empty split
+        assert not groups["test"] & (groups["train"] | groups["val"]) and not groups["train"] & groups["val"]
+        assert {e["label"] for e in fold["train"]} == {0, 1}  # every class trains
+
+
+def test_crossval_selects_on_an_inner_grouped_split_and_scores_the_test_fold_once(tmp_path, write_image, capsys):
+    import main_finetune
+    import main_pretrain
+    from util.io import read_tensor_chw
+    from util.transforms import build_finetune_transform
+
+    checkpoint = short_dama_run(tmp_path / "dama")
+    data = grouped_folder(tmp_path / "cells", write_image)
+    out = tmp_path / "cv"
+    common = ["crossval.py", "--data_path", data, "--group_by", "parent", "--folds", "2", "--val_fraction", "0.5",
+              "--output_dir", out]
+    train_args = ["--", "--arch", "main_vit_tiny", *TINY, "--val_crop", "32", "--epochs", "2", "--batch_size", "4"]
+    debug = ["--cluster", "debug", "--ngpus", "1", "--device", "cpu"]  # in-process submitit: cheaper than subprocesses
+    run_script(*common, "--submitit", "--checkpoints", "random", f"DAMA={checkpoint}", *train_args, *debug)
+
+    folds = json.loads((out / "folds.json").read_text())
+    check_grouped_split(folds, 16)
+    fold_tree = out / "fold_data" / "fold_0"
+    for split in ("train", "val", "test"):  # the training script sees exactly the saved lists
+        linked = sorted(str(p.resolve()) for p in (fold_tree / split).rglob("*.tif"))
+        assert linked == sorted(e["path"] for e in folds["folds"][0][split])
+
     table = json.loads((out / "table.json").read_text())
     markdown = (out / "table.md").read_text().splitlines()
-    assert markdown[0] == "|  | " + " | ".join(map(str, range(num_folds))) + " | Avg. ↑ | Err. ↓ |"
-    assert [row["name"] for row in table["rows"]] == names and len(markdown) == 2 + len(names)
+    rule = ("selection: epoch chosen on an inner validation split (0.5 of each training part, grouped by parent); "
+            "test fold scored once")
+    assert markdown[0] == f"| {rule} | 0 | 1 | Avg. ± std ↑ | Err. ↓ |" and table["selection"] == rule[11:]
     reference = table["rows"][0]["mean"]
     for row, line in zip(table["rows"], markdown[2:]):
-        assert row["folds"] == [fold_result(log) for log in row["logs"]]  # every number from a real run
-        assert [Path(log).parent.name for log in row["logs"]] == [f"fold_{i}" for i in range(num_folds)]
-        mean = sum(row["folds"]) / num_folds
-        assert row["mean"] == pytest.approx(mean) and row["err"] == pytest.approx(100 - mean)
+        for fold, log_path in enumerate(row["logs"]):
+            log = read_log(Path(log_path))
+            epochs, final = log[:-1], log[-1]
+            assert [line["epoch"] for line in epochs] == [0, 1] and all("test_acc1" not in e for e in epochs)
+            best = max(range(2), key=lambda e: (epochs[e]["val_acc1"], e))  # best val top-1, ties to the later
+            assert final["selected_on"] == "val" and final["max_accuracy"] == epochs[best]["val_acc1"]
+            assert final["test_scored_at_epoch"] == best and row["folds"][fold] == final["test_acc1"]
+        mean, std = np.mean(row["folds"]), np.std(row["folds"], ddof=1)
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert cells == [row["name"], *(f"{a:.2f}" for a in row["folds"]),
-                         f"{mean:.2f}({mean - reference:+.2f})", f"{100 - mean:.2f}"]
-    return table
+                         f"{mean:.2f} ± {std:.2f} ({mean - reference:+.2f})", f"{100 - mean:.2f}"]
+
+    # the test fold's number is checkpoint-best.pth evaluated on the test images, recomputed here
+    run = Path(table["rows"][1]["logs"][0]).parent
+    args = main_finetune.get_args_parser().parse_args(["--arch", "main_vit_tiny", *TINY, "--num_classes", "2"])
+    model = main_finetune.build_model(args, 2).eval()
+    model.load_state_dict(torch.load(run / "checkpoint-best.pth", weights_only=True)["model"])
+    transform = build_finetune_transform(False, 32, 32)
+    entries = folds["folds"][0]["test"]
+    with torch.no_grad():
+        logits = model(torch.stack([transform(read_tensor_chw(e["path"])) for e in entries]))
+    accuracy = 100.0 * (logits.argmax(1) == torch.tensor([e["label"] for e in entries])).float().mean().item()
+    assert table["rows"][1]["folds"][0] == pytest.approx(accuracy)
+
+    # the random-init row starts from the pretraining model before training: crossval's main_pretrain.py --epochs 0
+    # and the pretraining run's --save_init both hold exactly a freshly built model with the same seed
+    (init,) = (out / "random_init").rglob("checkpoint-init.pth")
+    assert json.loads((Path(table["rows"][0]["logs"][0]).parent / "crossval_args.json").read_text())["finetune"] == \
+        str(init)
+    for path, save_init in ((init, False), (tmp_path / "dama" / "checkpoint-init.pth", True)):
+        saved = torch.load(path, weights_only=True)
+        assert saved["epoch"] == -1 and saved["args"]["save_init"] is save_init
+        pretrain_args = main_pretrain.get_args_parser().parse_args([])
+        vars(pretrain_args).update(saved["args"])
+        torch.manual_seed(0)
+        fresh = main_pretrain.build_model(pretrain_args).state_dict()
+        assert fresh.keys() == saved["model"].keys() and all(torch.equal(fresh[k], saved["model"][k]) for k in fresh)
+        assert torch.equal(saved["model"]["student1.pos_embed"], fresh["student1.pos_embed"])  # fixed sin-cos
+
+    # --metric max_test: the reference's number (the best epoch on the test fold), trained on the whole training
+    # part; then --metric last reuses those runs
+    pretrain_init = tmp_path / "dama" / "checkpoint-init.pth"  # --random_init: that run's own starting point
+    import crossval  # in this process: the debug cluster runs the jobs here anyway
+    assert crossval.main([str(a) for a in (*common[1:], "--submitit", "--metric", "max_test", "--random_init",
+                                           pretrain_init, "--checkpoints", "random", *train_args, *debug)]) == 0
+    table = json.loads((out / "table.json").read_text())
+    assert json.loads((Path(table["rows"][0]["logs"][0]).parent / "crossval_args.json").read_text())["finetune"] == \
+        str(pretrain_init)
+    assert (out / "table.md").read_text().startswith(
+        "| selection: best epoch selected on the test fold (the reference's number, biased upward, grouped by parent)")
+    logs = [read_log(Path(path)) for path in table["rows"][0]["logs"]]
+    assert table["rows"][0]["folds"] == [max(e["test_acc1"] for e in log[:-1]) for log in logs]
+    train_files = {str(p.resolve()) for p in (out / "fold_data_no_inner_val" / "fold_0" / "train").rglob("*.tif")}
+    assert train_files == {e["path"] for e in folds["folds"][0]["train"] + folds["folds"][0]["val"]}
+    capsys.readouterr()
+    assert crossval.main([str(a) for a in (*common[1:], "--metric", "last", "--random_init", pretrain_init,
+                                           "--checkpoints", "random", *train_args)]) == 0
+    assert capsys.readouterr().out.count("reusing the finished run") == 2
+    table = json.loads((out / "table.json").read_text())
+    assert table["selection"] == "last epoch on the test fold (no selection, grouped by parent)"
+    assert table["rows"][0]["folds"] == [log[-2]["test_acc1"] for log in logs]
 
 
-def test_crossval_table_comes_from_real_runs(tmp_path):
-    checkpoint = short_dama_run(tmp_path / "dama")
-    out = tmp_path / "cv"
-    common = ["crossval.py", "--dataset", "synthetic", "--synthetic_size", "20", "--synthetic_img_size", "32",
-              "--folds", "2", "--output_dir", out]
-    train_args = ["--", "--arch", "main_vit_tiny", *TINY, "--val_crop", "32", "--epochs", "1", "--batch_size", "4"]
-    # first call: the runs go through submitit's in-process (debug) cluster, which is cheaper than 4 subprocesses
-    run_script(*common, "--submitit", "--checkpoints", "random", f"DAMA={checkpoint}", *train_args,
-               "--cluster", "debug", "--ngpus", "1", "--device", "cpu")
-    folds = json.loads((out / "folds.json").read_text())
-    tests = [sorted(e["path"] for e in fold) for fold in folds["folds"]]
-    assert len(tests[0]) == len(tests[1]) == 10 and not set(tests[0]) & set(tests[1])
-    for fold in folds["folds"]:  # stratified: 2 images of each of the 5 classes per fold
-        assert sorted(e["label"] for e in fold) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
-    train_files = list((out / "fold_data" / "fold_0" / "train").rglob("*.tif"))
-    assert sorted(str(p.resolve()) for p in train_files) == tests[1]  # fold 0 trains on fold 1's images
-    check_table(out, ["Random init.", "DAMA"], 2)
-
-    # a later call reuses the split and the finished runs, and adds a row (default: one subprocess per run)
-    result = run_script(*common, "--checkpoints", "random", f"DAMA={checkpoint}", f"again={checkpoint}",
-                        *train_args)
-    assert (out / "runs" / "again" / "fold_1" / "output.txt").is_file()  # the subprocess's output
-    assert result.stdout.count("reusing the finished run") == 4 and "Reusing the 2-fold split" in result.stdout
-    table = check_table(out, ["Random init.", "DAMA", "again"], 2)
-    assert table["rows"][2]["folds"] == table["rows"][1]["folds"]  # same checkpoint, same seeds: same numbers
+def test_stratified_group_folds_balance_classes_and_keep_groups_whole():
+    import crossval
+    labels = [i % 5 for i in range(20)]
+    folds = crossval.stratified_group_folds(labels, [str(i) for i in range(20)], 2, seed=0)  # no groups
+    assert sorted(map(len, folds)) == [10, 10] and not set(folds[0]) & set(folds[1])
+    assert all(sorted(labels[i] for i in fold) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4] for fold in folds)
+    assert crossval.stratified_group_folds(labels, [str(i) for i in range(20)], 2, seed=1) != folds  # seeded
+    groups = [f"g{i // 3}" for i in range(20)]  # 7 groups of up to 3
+    folds = crossval.stratified_group_folds(labels, groups, 3, seed=0)
+    owner = {groups[i]: f for f, fold in enumerate(folds) for i in fold}
+    assert all(owner[groups[i]] == f for f, fold in enumerate(folds) for i in fold)  # every group whole
+    assert sorted(i for fold in folds for i in fold) == list(range(20)) and min(map(len, folds)) >= 5
 
 
-def test_crossval_errors_name_the_flag(tmp_path):
-    result = subprocess.run([sys.executable, "crossval.py", "--dataset", "synthetic", "--folds", "2",
-                             "--output_dir", str(tmp_path), "--checkpoints", "DAMA=missing.pth"],
-                            cwd=REPO, capture_output=True, text=True, env=ENV, timeout=60)
-    assert result.returncode == 2 and "--checkpoints 'DAMA=missing.pth'" in result.stderr
-    result = subprocess.run([sys.executable, "crossval.py", "--dataset", "synthetic", "--folds", "2",
-                             "--output_dir", str(tmp_path), "--checkpoints", "random", "--", "--data_path", "x"],
-                            cwd=REPO, capture_output=True, text=True, env=ENV, timeout=60)
-    assert result.returncode == 2 and "--data_path after `--`" in result.stderr
+def test_group_by_a_column_of_a_packed_cell_table(tmp_path):
+    """The cell-table branch of --group_by: a packed dataset's cells.csv (columns as prepare_cells.py writes them),
+    written here by hand."""
+    import crossval
+    root = tmp_path / "packed"
+    root.mkdir()
+    (root / "dataset.json").write_text(json.dumps({"format_version": 1}))
+    rows = ["index,slide,cell_id,x,y,area,label,split"] + \
+        [f"{i},{'s1' if i in (2, 0) else 's2'},{i + 10},5,5,30,{i % 2},train" for i in (2, 0, 1, 3)]  # rows out of order
+    (root / "cells.csv").write_text("\n".join(rows) + "\n")
+    assert crossval.group_keys(str(root), [None] * 4, "slide") == ["s1", "s2", "s1", "s2"]  # by the index column
+    with pytest.raises(crossval.CrossvalError, match=r"has 4 rows for 5 samples"):
+        crossval.group_keys(str(root), [None] * 5, "slide")
+
+
+def crossval_error(capsys, *argv) -> str:
+    """The one stderr line of a crossval call that must fail with exit code 2."""
+    import crossval
+    assert crossval.main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    return err
+
+
+def test_crossval_bad_input_is_one_line_naming_the_flag(tmp_path, write_image, capsys):
+    out = ["--output_dir", tmp_path / "cv"]
+    assert "--checkpoints 'DAMA=missing.pth'" in crossval_error(
+        capsys, "--dataset", "synthetic", "--folds", "2", *out, "--checkpoints", "DAMA=missing.pth")
+    assert "--data_path after `--`" in crossval_error(
+        capsys, "--dataset", "synthetic", "--folds", "2", *out, "--checkpoints", "random", "--", "--data_path", "x")
+    data = grouped_folder(tmp_path / "cells", write_image, groups=("a1", "a2"), per_group=1)
+    assert "--group_by parent: 2 group(s), fewer than --folds 3" in crossval_error(
+        capsys, "--data_path", data, "--group_by", "parent", "--folds", "3", *out, "--checkpoints", "random")
+    flat = tmp_path / "flat"
+    for cls in ("x", "y"):
+        for n in range(2):
+            write_image(flat / cls / f"{n}.tif", np.zeros((7, 40, 40), np.uint16))
+    assert "image(s) lie directly in their class folder" in crossval_error(
+        capsys, "--data_path", flat, "--group_by", "parent", "--folds", "2", *out, "--checkpoints", "random")
+    assert "--group_by slide: expected 'parent' for a folder of images, or a column of cells.csv" in crossval_error(
+        capsys, "--data_path", flat, "--group_by", "slide", "--folds", "2", *out, "--checkpoints", "random")
+    packed = tmp_path / "packed"
+    packed.mkdir()
+    (packed / "dataset.json").write_text("{}")
+    (packed / "cells.csv").write_text("index,slide,cell_id,x,y,area,label,split\n0,s1,1,2,2,9,0,train\n")
+    err = crossval_error(capsys, "--data_path", packed, "--group_by", "donor", "--folds", "2", *out,
+                         "--checkpoints", "random")
+    assert "--group_by donor:" in err and "has no column 'donor'; its columns are index, slide, cell_id" in err
+    assert "--val_fraction must be in (0, 0.5], got 0.7" in crossval_error(
+        capsys, "--data_path", flat, "--val_fraction", "0.7", *out, "--checkpoints", "random")
 
 
 def test_knn_monitor_on_a_labelled_folder_matches_a_direct_knn(make_image_folder, tmp_path):
@@ -265,3 +387,23 @@ def test_knn_monitor_on_a_labelled_folder_matches_a_direct_knn(make_image_folder
     main_pretrain.resolve_defaults(args)
     with pytest.raises(DataError, match="--knn_freq.*val"):
         KnnMonitor(args)
+
+
+def test_linear_probe_on_a_small_data_set_trains_every_image_and_prints_the_steps(make_image_folder, tmp_path, capsys):
+    """11 training crops at --batch_size 4: 3 steps (4 + 4 + 3), not 2 with the last batch dropped; at the default
+    batch of 256, one step with all 11 instead of an error."""
+    root = make_image_folder(classes=("a", "b"), n_per_class=6, size=36, name="small")
+    next((root / "train" / "a").iterdir()).unlink()  # 11 training images
+    flags = ["--data_path", str(root), "--arch", "main_vit_tiny", *TINY, "--val_crop", "32", "--epochs", "1",
+             "--device", "cpu"]
+    assert main_linprobe.run_cli([*flags, "--batch_size", "4", "--output_dir", str(tmp_path / "lp4")]) == 0
+    out = capsys.readouterr().out
+    assert "3 steps per epoch: 11 training images per process in batches of 4\n" in out
+    assert "no test split: the best accuracy is chosen and measured on val" in out
+    assert main_linprobe.run_cli([*flags, "--output_dir", str(tmp_path / "lp256")]) == 0
+    assert "1 steps per epoch: 11 training images per process in batches of 256\n" in capsys.readouterr().out
+    # fine-tuning keeps MAE's drop_last (mixup needs even batches) and says what it drops
+    import main_finetune
+    assert main_finetune.run_cli([*flags, "--batch_size", "4", "--output_dir", str(tmp_path / "ft")]) == 0
+    assert "2 steps per epoch: 11 training images per process in batches of 4, the last 3 dropped" in \
+        capsys.readouterr().out

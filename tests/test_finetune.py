@@ -297,7 +297,7 @@ def test_finetune_run_then_eval_reports_the_same_accuracy(pretrained_32, tmp_pat
     assert [line.get("epoch") for line in lines[:2]] == [0, 1]
     for line in lines[:2]:
         assert {"train_loss", "train_lr", "test_loss", "test_acc1", "test_acc5", "n_parameters"} <= line.keys()
-    assert lines[2] == {"max_accuracy": max(line["test_acc1"] for line in lines[:2])}
+    assert lines[2] == {"max_accuracy": max(line["test_acc1"] for line in lines[:2]), "selected_on": "val"}
     checkpoint = torch.load(out / "checkpoint.pth", weights_only=True)
     assert checkpoint["epoch"] == 1 and checkpoint["max_accuracy"] == lines[2]["max_accuracy"]
     assert (out / "checkpoint-best.pth").is_file()

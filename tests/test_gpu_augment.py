@@ -11,13 +11,14 @@ import models_dama
 from engine_pretrain import train_one_epoch
 from util.errors import DataError
 from util.io import read_image
-from util.gpu_augment import (CroppedImageFiles, GPUAugment, augment_batch, build_gpu_pretrain_dataset,
-                              crop_size)
+from util.gpu_augment import (CroppedImageFiles, GPUAugment, WorkerCrop, augment_batch, build_gpu_augment,
+                              build_gpu_pretrain_dataset, crop_size)
+from util.transforms import build_pretrain_transform
 from util.misc import LossScaler
 
 
 def torchvision_sequence(crop, img_size, angle, shift, flip):
-    """The CPU pipeline's steps after the crop (util.datasets.build_pretrain_transform) with fixed parameters."""
+    """The torchvision v2 steps after the crop (the float pipeline util.transforms replaces), fixed parameters."""
     x = TF.resize(crop, [img_size, img_size], interpolation=InterpolationMode.BICUBIC, antialias=True)
     x = TF.rotate(x, angle, interpolation=InterpolationMode.BILINEAR, fill=0)
     x = TF.affine(x, angle=0.0, translate=list(shift), scale=1.0, shear=[0.0, 0.0],
@@ -101,3 +102,53 @@ def test_synthetic_dataset_gives_crops_and_training_runs_with_the_device_augment
     stats = train_one_epoch(model, loader, optimizer, torch.device("cpu"), 0, LossScaler("none", "cpu"), None, args,
                             batch_transform=GPUAugment(32))
     assert np.isfinite(stats["loss"])
+
+
+AUGMENT_FLAGS = [dict(), dict(crop_scale=(0.6, 0.9), rotation=20.0, max_shift=0.1), dict(rotation=0.0, max_shift=0.0)]
+
+
+@pytest.mark.parametrize("options", AUGMENT_FLAGS, ids=["reference", "crop_scale-rotation-shift", "no-warp"])
+def test_gpu_path_applies_the_augmentation_flags_as_the_cpu_path(options):
+    """Worker crop + GPUAugment, drawing from the same seed, give the CPU pipeline's image for every flag."""
+    image = torch.randint(0, 65536, (7, 50, 44), dtype=torch.int32).to(torch.uint16)
+    cpu_transform = build_pretrain_transform(32, **options)
+    worker = WorkerCrop(32, options.get("crop_scale"))
+    device_side = build_gpu_augment(Namespace(img_size=32, **options))
+    assert worker.out_side == crop_size(32, options.get("crop_scale")) == device_side.input_side
+    for seed in range(4):
+        torch.manual_seed(seed)
+        expected = cpu_transform(image)
+        torch.manual_seed(seed)  # the worker draws the window, the device the warp: the CPU pipeline's order
+        got = device_side(worker(image)[None])[0]
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_gpu_augment_parameters_follow_the_flags():
+    augment = GPUAugment(img_size=100, rotation=15.0, max_shift=0.05)
+    torch.manual_seed(0)
+    angle, shift, _ = augment.sample_params(2000, torch.device("cpu"))
+    assert angle.abs().max() <= 15 and angle.abs().max() > 14 and shift.abs().max() == 5
+    assert "rotation=+-15 deg" in repr(augment)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("options", AUGMENT_FLAGS, ids=["reference", "crop_scale-rotation-shift", "no-warp"])
+def test_gpu_augment_on_cuda_equals_the_cpu_pipeline(options):
+    """On the GPU: the device warp of the worker crops equals the CPU pipeline for the same parameters, and a
+    batch drawn on the device follows the flags."""
+    image = torch.randint(0, 65536, (7, 50, 44), dtype=torch.int32).to(torch.uint16)
+    cpu_transform = build_pretrain_transform(64, **options)
+    worker = WorkerCrop(64, options.get("crop_scale"))
+    torch.manual_seed(0)
+    expected = cpu_transform(image)
+    torch.manual_seed(0)
+    crop = worker(image)[None]
+    from util.transforms import sample_warp
+    params = sample_warp(1, 64, cpu_transform.rotation, cpu_transform.max_shift)
+    got = augment_batch(crop.cuda(), 64, *(p.cuda() for p in params))
+    torch.testing.assert_close(got[0].cpu(), expected, atol=1e-4, rtol=1e-4)
+    device_side = build_gpu_augment(Namespace(img_size=64, **options)).cuda()
+    batch = device_side(crop.cuda().expand(8, -1, -1, -1))
+    assert batch.shape == (8, 7, 64, 64) and batch.is_cuda and torch.isfinite(batch).all()
+    angle, shift, _ = device_side.sample_params(4000, torch.device("cuda"))
+    assert angle.abs().max() <= device_side.rotation and shift.abs().max() <= round(device_side.max_shift * 64)

@@ -250,6 +250,9 @@ def test_forward_shapes(arch, in_chans, img_size):
     (dict(img_size=36), "--img_size 36"),
     (dict(mask_sampling="hard"), "--mask_sampling"),
     (dict(info_pairing="pooled"), "--info_pairing"),
+    (dict(loss_alpha=-0.5), "--loss_alpha must be >= 0, got -0.5"),
+    (dict(loss_beta=-1.0), "--loss_beta must be >= 0, got -1.0"),
+    (dict(mask_sampling="independent", info_pairing="aligned"), "--mask_sampling independent does not give"),
 ])
 def test_invalid_settings_raise_clear_errors(kwargs, needle):
     config = dict(img_size=32, patch_size=8, in_chans=1) | kwargs
@@ -333,9 +336,13 @@ def test_position_embeddings_are_maes_fixed_sincos_tables():
 
 
 def test_students_use_maes_initialisation():
-    """xavier-uniform Linear and patch-embed weights (viewed 2-D), zero biases, LayerNorm 1/0, tokens N(0, 0.02)."""
+    """xavier-uniform Linear and patch-embed weights (viewed 2-D), zero Linear biases, LayerNorm 1/0, tokens
+    N(0, 0.02); the patch-embed conv bias keeps PyTorch's default draw (as MAE and the reference DAMA)."""
+    torch.manual_seed(0)
+    first_conv = torch.nn.Conv2d(7, 192, 16, 16)  # the first module student 1 builds, from the same RNG state
     torch.manual_seed(0)
     model = models_dama.build_model("main_vit_tiny", img_size=64, patch_size=16, in_chans=7)
+    assert torch.equal(model.student1.patch_embed.proj.bias, first_conv.bias)
     for student in (model.student1, model.student2):
         weights = [(name, module.weight) for name, module in student.named_modules()
                    if isinstance(module, torch.nn.Linear)]
@@ -347,10 +354,58 @@ def test_students_use_maes_initialisation():
             # a uniform on [-a, a] has std a / sqrt(3); the smallest matrix here has over 10^4 entries
             assert abs(weight.std().item() / (bound / 3 ** 0.5) - 1) < 0.05, name
         biases = [module.bias for module in student.modules() if isinstance(module, torch.nn.Linear)]
-        biases.append(student.patch_embed.proj.bias)
         assert all(torch.count_nonzero(b) == 0 for b in biases)
+        conv_bias = student.patch_embed.proj.bias  # PyTorch's default: uniform(+-1 / sqrt(fan_in))
+        assert torch.count_nonzero(conv_bias) == 192 and conv_bias.abs().max() <= 1 / (7 * 16 * 16) ** 0.5
         norms = [m for m in student.modules() if isinstance(m, torch.nn.LayerNorm)]
         assert len(norms) == 2 * 12 + 1 + 2 * 8 + 1  # two per block, final norms of encoder and decoder
         assert all(torch.all(m.weight == 1) and torch.count_nonzero(m.bias) == 0 and m.eps == 1e-6 for m in norms)
         for token in (student.cls_token, student.mask_token):
             assert 0.015 < token.std().item() < 0.025 and abs(token.mean().item()) < 0.01
+
+
+def test_mask_configuration_error_states_the_condition_it_checks():
+    # L = 16, r = 0.2: K = 12, O = 6, H = L - 2K = -8, so H+O = -2 <= 0
+    with pytest.raises(ValueError, match=r"needs 0 < H\+O <= L-K, but H\+O = -2 and L-K = 4"):
+        models_dama.build_model("main_vit_tiny", img_size=32, patch_size=8, in_chans=1, mask_ratio=0.2)
+    # the condition, not a rule of thumb: r = 0.45 < 0.5 still gives 0 < H+O <= L-K at L = 64 (K = 35, O = 17,
+    # H+O = 11), and the masks are then exact
+    models_dama.check_mask_config(64, 0.45, 0.5)
+    mask1, _, _ = models_dama.random_masking(8, 64, 35, generator=torch.Generator().manual_seed(0))
+    mask2, ids_shuffle2, _ = models_dama.adaptive_masking(mask1, torch.rand(8, 64), 0.5, num_visible=35)
+    assert ((mask2 == 0).sum(1) == 35).all() and (((mask1 == 0) & (mask2 == 0)).sum(1) == 17).all()
+    # independent masks need only one visible patch
+    models_dama.check_mask_config(16, 0.2, 0.5, "independent")
+
+
+def test_independent_masks_share_k_squared_over_l_patches_on_average_and_random_exactly_o():
+    num_patches, k, n = 64, 12, 4000
+    gen = torch.Generator().manual_seed(0)
+    mask1, _, _ = models_dama.random_masking(n, num_patches, k, generator=gen)
+    loss1 = torch.rand(n, num_patches, generator=gen)
+    shared = {}
+    for sampling in ("independent", "random", "adaptive"):
+        mask2, ids_shuffle2, ids_restore2 = models_dama.adaptive_masking(mask1, loss1, 0.5, sampling, gen, k)
+        assert ((mask2 == 0).sum(1) == k).all()  # every row: exactly K visible
+        assert torch.equal(mask2.gather(1, ids_shuffle2[:, :k]), torch.zeros(n, k))  # the encoder gets its zeros
+        assert torch.equal(ids_shuffle2.gather(1, ids_restore2), torch.arange(num_patches).expand(n, -1))
+        shared[sampling] = ((mask1 == 0) & (mask2 == 0)).sum(1).float()
+    assert (shared["random"] == 6).all() and (shared["adaptive"] == 6).all()  # O = int(K * 0.5)
+    # independent: hypergeometric, mean K*K/L = 2.25, variance 1.51 (standard error of the mean 0.02)
+    assert abs(shared["independent"].mean().item() - k * k / num_patches) < 0.1
+    assert abs(shared["independent"].var().item() - 1.51) < 0.15
+    # and it does not follow student 1's loss: the hardest patch is as likely visible to student 2 as any other
+    hardest = torch.where(mask1 > 0, loss1, torch.full_like(loss1, -1.0)).argmax(dim=1, keepdim=True)
+    mask2, _, _ = models_dama.adaptive_masking(mask1, loss1, 0.5, "independent", gen, k)
+    assert abs((mask2.gather(1, hardest) == 0).float().mean().item() - k / num_patches) < 0.03
+
+
+def test_dama_with_independent_masks_trains():
+    torch.manual_seed(0)
+    model = models_dama.build_model("main_vit_tiny", img_size=32, patch_size=8, decoder_embed_dim=32, decoder_depth=1,
+                                    decoder_num_heads=2, mask_sampling="independent")
+    out = model(torch.rand(3, 7, 32, 32))
+    assert torch.isfinite(out["loss"]) and ((out["mask2"] == 0).sum(1) == 3).all()
+    assert model.mask_summary() == "3 of 16 patches visible per student, about 0.6 shared on average (independent masks)"
+    out["loss"].backward()
+    assert model.student2.blocks[0].attn.qkv.weight.grad is not None

@@ -15,8 +15,8 @@ import models_dama
 import models_vit
 from util.convert import export_encoder
 from util.datasets import SyntheticCells, build_finetune_transform
-from util.visualize import (HIDDEN_GREY, VISIBLE_BLUE, figure_size, panel_origin, parse_channels, reconstruction,
-                            reconstruction_figure, to_uint8)
+from util.visualize import (HIDDEN_GREY, VISIBLE_BLUE, display_range, figure_size, panel_origin, parse_channels,
+                            reconstruction, reconstruction_figure, to_display, to_uint8)
 
 REPO = Path(__file__).resolve().parents[1]
 IMG, PATCH, SEED = 64, 16, 0
@@ -30,12 +30,13 @@ def run_script(*args, timeout=180):
 
 @pytest.fixture(scope="module")
 def pretrain_run(tmp_path_factory):
-    """Output folder of a one-epoch synthetic pretraining with a figure after every epoch (--vis_freq 1)."""
+    """Output folder of a one-epoch synthetic pretraining with a figure after every epoch (--vis_freq 1) that shows
+    channels 0, 3, 5 as R, G, B."""
     out = tmp_path_factory.mktemp("pretrain")
     result = run_script("main_pretrain.py", "--dataset", "synthetic", "--arch", "main_vit_tiny",
                         "--img_size", IMG, "--patch_size", PATCH, *TINY_DECODER, "--synthetic_size", 16,
                         "--batch_size", 8, "--epochs", 1, "--num_workers", 0, "--seed", SEED,
-                        "--vis_freq", 1, "--vis_num_images", 2, "--output_dir", out)
+                        "--vis_freq", 1, "--vis_num_images", 2, "--vis_channels", "0,3,5", "--output_dir", out)
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
@@ -45,6 +46,12 @@ def tiny_dama(**kwargs) -> models_dama.DAMA:
     torch.manual_seed(0)
     return models_dama.DAMA(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=16,
                             decoder_depth=1, decoder_num_heads=2, mask_ratio=0.75, last_k_blocks=1, **kwargs)
+
+
+def tiny_dama_channels(in_chans: int) -> models_dama.DAMA:
+    torch.manual_seed(0)
+    return models_dama.DAMA(img_size=32, patch_size=8, in_chans=in_chans, embed_dim=32, depth=2, num_heads=2,
+                            decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2, mask_ratio=0.75, last_k_blocks=1)
 
 
 def read_png(path) -> np.ndarray:
@@ -166,8 +173,56 @@ def test_figure_sizes_per_channel_rows_and_the_mae_baseline():
 def test_channels_flag_is_checked():
     assert parse_channels("6,0,2", 7) == (6, 0, 2)
     for bad in ("1,2", "1,2,7", "a,b,c"):
-        with pytest.raises(ValueError, match="--channels"):
+        with pytest.raises(ValueError, match="--vis_channels"):
             parse_channels(bad, 7)
+
+
+def test_vis_channels_give_the_training_figure_its_size_and_colours(pretrain_run):
+    """The --vis_freq figure of the run (--vis_channels 0,3,5): its input panels are channels 0, 3, 5 of the fixed
+    batch as R, G, B, each min-max scaled per image."""
+    from util.datasets import build_pretrain_dataset
+    from util.visualize import display_range, fixed_batch, to_display
+    figure = read_png(pretrain_run / "vis" / "recon_epoch0.png").astype(int)
+    assert figure.shape == (*figure_size(num_rows=2, num_columns=6, img_size=IMG), 3)
+    _, checkpoint = checkpoint_model(pretrain_run)
+    args = main_pretrain.get_args_parser().parse_args([])
+    vars(args).update(checkpoint["args"])
+    assert args.vis_channels == "0,3,5"
+    imgs = fixed_batch(build_pretrain_dataset(args), 2, SEED)
+    shown = to_display(imgs, *display_range(imgs))[:, [0, 3, 5]]  # [2, 3, S, S]
+    for i in range(2):
+        y, x = panel_origin(i, 0, IMG)
+        expected = to_uint8(shown[i]).astype(int)
+        assert np.abs(figure[y:y + IMG, x:x + IMG] - expected).max() <= 1
+
+
+@pytest.mark.parametrize("in_chans", [1, 2])
+def test_one_and_two_channel_data_show_every_channel(in_chans):
+    model = tiny_dama_channels(in_chans)
+    imgs = torch.rand(2, in_chans, 32, 32)
+    figure = to_uint8(reconstruction_figure(model, imgs, seed=0)).astype(int)
+    shown = to_uint8(to_display(imgs, *display_range(imgs))[0]).astype(int)  # [S, S, C]
+    y, x = panel_origin(0, 0, 32)
+    panel = figure[y:y + 32, x:x + 32]  # [S, S, 3]
+    if in_chans == 1:  # grey: the one channel in R, G and B
+        assert all(np.abs(panel[..., c] - shown[..., 0]).max() <= 1 for c in range(3))
+    else:  # channel 0 red, channel 1 green, blue empty
+        assert np.abs(panel[..., 0] - shown[..., 0]).max() <= 1 and np.abs(panel[..., 1] - shown[..., 1]).max() <= 1
+        assert panel[..., 2].max() == 0
+
+
+def test_visualize_refuses_vis_channels_out_of_range_in_one_line(pretrain_run, tmp_path, capsys):
+    import visualize
+    from util.cli import run_tool
+    cli = visualize.get_args_parser().parse_args(["--checkpoint", str(pretrain_run / "checkpoint.pth"),
+                                                  "--vis_channels", "0,3,7", "--out", str(tmp_path / "x.png")])
+    assert run_tool(visualize.main, cli) == 2
+    assert capsys.readouterr().err == ("error: --vis_channels '0,3,7': expected three channel indices (R,G,B) between "
+                                       "0 and 6\n")
+    args = main_pretrain.get_args_parser().parse_args(["--vis_channels", "0,9,1", "--in_chans", "7"])
+    with pytest.raises(ValueError, match="--vis_channels '0,9,1'"):
+        main_pretrain.resolve_defaults(args)
+    assert not (tmp_path / "x.png").exists()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -14,11 +14,11 @@ from torch.utils.data import Dataset
 from util import filelist
 from util.errors import DataError
 from util.filelist import FileList
-from util.io import IMAGE_EXTENSIONS, check_image, read_image
+from util.io import IMAGE_EXTENSIONS, check_image, read_tensor_chw
 from util.normalize import read_normalized
 from util.packed import describe_folder_dataset, open_packed_dataset, prepared_layout
 from util.synthetic import CELL_TYPES, SyntheticCells
-from util.transforms import (DEFAULT_VAL_CROP, TensorTransform, build_finetune_transform,
+from util.transforms import (DEFAULT_VAL_CROP, TensorTransform, augmentation_options, build_finetune_transform,
                              build_pretrain_transform)
 
 DEFAULT_SYNTHETIC_SIZE = 1000
@@ -50,9 +50,11 @@ class ImageFileDataset(Dataset):
         return len(self.samples)
 
     def load(self, index: int) -> torch.Tensor:
-        """The checked, untransformed image [C, H, W] of sample `index`."""
+        """The checked, untransformed image [C, H, W] of sample `index` (uint8 / uint16 as stored, else float32:
+        the transform converts and scales; util.io.read_tensor_chw)."""
         path, _ = self.samples[index]
-        image = read_image(path) if self.normalization is None else read_normalized(path, self.normalization)
+        # integers as stored (the transform scales them) or the recipe's normalised floats
+        image = read_tensor_chw(path) if self.normalization is None else read_normalized(path, self.normalization)
         check_image(image, path, self.in_chans, self.transform.min_side)
         return image
 
@@ -213,7 +215,7 @@ def build_pretrain_dataset(args) -> Dataset:
     if recipe(args) == "imagenet":
         from util.imagenet import build_imagenet_pretrain_dataset  # util.imagenet builds on this module
         return build_imagenet_pretrain_dataset(args)
-    transform = build_pretrain_transform(args.img_size)
+    transform = build_pretrain_transform(args.img_size, **augmentation_options(args))
     if dataset_kind(args) == "synthetic":
         return SyntheticCells(synthetic_size(args), args.img_size, args.in_chans, seed=args.seed,
                               split="train", transform=transform)
@@ -240,11 +242,12 @@ def build_finetune_dataset(is_train: bool, args) -> Dataset:
         return build_imagenet_finetune_dataset(is_train, args)
     val_crop = int(getattr(args, "val_crop", None) or DEFAULT_VAL_CROP)
     if dataset_kind(args) == "synthetic":
-        transform = build_finetune_transform(is_train, args.img_size, min(val_crop, args.img_size))
+        transform = build_finetune_transform(is_train, args.img_size, min(val_crop, args.img_size),
+                                             **augmentation_options(args))
         size = synthetic_size(args) if is_train else max(synthetic_size(args) // 4, len(CELL_TYPES))
         return SyntheticCells(size, args.img_size, args.in_chans, seed=args.seed,
                               split="train" if is_train else "val", transform=transform)
-    transform = build_finetune_transform(is_train, args.img_size, val_crop)
+    transform = build_finetune_transform(is_train, args.img_size, val_crop, **augmentation_options(args))
     root = data_root(args)
     if prepared_layout(root) == "packed":  # prepare_cells.py's output: split and labels from cells.csv
         return open_packed_dataset(root, args, transform, split="train" if is_train else "val", require_split=True,
@@ -257,3 +260,17 @@ def checked(dataset: ImageFileDataset) -> ImageFileDataset:
     """Read and check the first file now (channels vs --in_chans, size vs the crop); returns `dataset`."""
     dataset.load(0)
     return dataset
+
+
+def build_finetune_test_dataset(args, classes) -> Dataset:
+    """The held-out <data_path>/test/<class>/ split with the validation transform (labels by `classes`, the
+    training class list), or None when the data has no test split (the synthetic set has none)."""
+    if dataset_kind(args) != "folder" or not (data_root(args) / "test").is_dir():
+        return None
+    folder = data_root(args) / "test"
+    samples = filelist.list_folder(folder, list(classes), index_dir(args))
+    if not len(samples):
+        raise no_images_error(folder)
+    val_crop = int(getattr(args, "val_crop", None) or DEFAULT_VAL_CROP)
+    transform = build_finetune_transform(False, args.img_size, val_crop)
+    return checked_folder_dataset(samples, classes, args, transform, data_root(args), estimate=False)

@@ -1,8 +1,10 @@
 """Reading one image file: TIFF (any axis order the file declares), PNG and JPEG, as [C, H, W].
 
 `read_raw_chw` gives the stored dtype (uint16 stays uint16), `read_image` a float32 tensor scaled by dtype
-(uint8 / 255, uint16 / 65535, floats as they are). Any unreadable file raises DataError naming it. Both the CPU
-augmentation (util.datasets) and the --gpu_augment workers (util.gpu_augment) read through these functions.
+(uint8 / 255, uint16 / 65535, floats as they are), `read_tensor_chw` what the augmentation takes: uint8 and
+uint16 tensors as stored (util.transforms scales them at the end), anything else as read_image gives it. Any
+unreadable file raises DataError naming it. The folder datasets (util.datasets), and through them the
+--gpu_augment workers (util.gpu_augment), read through these functions.
 """
 from pathlib import Path
 
@@ -36,6 +38,16 @@ def read_image(path) -> torch.Tensor:
     channels. Any unreadable file raises DataError naming it.
     """
     return to_unit_float(read_raw_chw(path), path)
+
+
+def read_tensor_chw(path) -> torch.Tensor:
+    """An image file as a [C, H, W] tensor for util.transforms: uint8 / uint16 kept (scaled by the transform),
+    floats as float32 (checked finite, as read_image); other pixel types raise read_image's DataError."""
+    array = read_raw_chw(path)
+    if array.dtype.kind == "u" and array.dtype.itemsize in (1, 2):
+        # torch takes only native byte order and warns on read-only arrays (PIL's): copy only in those cases
+        return torch.from_numpy(array.astype(array.dtype.newbyteorder("="), copy=not array.flags.writeable))
+    return to_unit_float(array, path)
 
 
 def read_tiff_chw(path: Path) -> np.ndarray:

@@ -66,14 +66,15 @@ class ResumableSampler(DistributedSampler):
     of an epoch and tags each index with its augmentation seed: it yields (index, seed) for `SeededSamples`.
 
     set_epoch(epoch, start_step) starts the epoch after `start_step` batches of `batch_size` (a resumed epoch);
-    `steps_per_epoch` is always the full epoch's number of batches (drop_last batching), for the lr schedule.
+    `steps_per_epoch` is always the full epoch's number of batches, for the lr schedule: whole batches only, or
+    with keep_last_batch also the last partial one (the loader must batch the same way).
     """
 
     def __init__(self, dataset, batch_size: int, num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
-                 seed: int = 0, drop_last: bool = False):
+                 seed: int = 0, drop_last: bool = False, keep_last_batch: bool = False):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
                          drop_last=drop_last)
-        self.batch_size = batch_size
+        self.batch_size, self.keep_last_batch = batch_size, keep_last_batch
         self.start_step = 0
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
@@ -84,6 +85,8 @@ class ResumableSampler(DistributedSampler):
 
     @property
     def steps_per_epoch(self) -> int:
+        if self.keep_last_batch:
+            return -(-self.num_samples // self.batch_size)
         return self.num_samples // self.batch_size
 
     def __iter__(self):
@@ -121,15 +124,17 @@ def ignore_stop_signals_in_worker(worker_id: int) -> None:
 
 
 def resumable_loader(dataset, batch_size: int, num_workers: int, seed: int, world_size: int, rank: int,
-                     pin_memory: bool, drop_last_sampler: bool = False, collate_fn=None) -> torch.utils.data.DataLoader:
-    """Shuffled, drop-last training loader whose sampler can start mid-epoch and whose items are seeded per sample.
+                     pin_memory: bool, drop_last_sampler: bool = False, collate_fn=None,
+                     keep_last_batch: bool = False) -> torch.utils.data.DataLoader:
+    """Shuffled training loader whose sampler can start mid-epoch and whose items are seeded per sample.
 
     `loader.sampler.set_epoch(epoch, start_step)` before each epoch; `loader.sampler.steps_per_epoch` is the length
-    of a full epoch. collate_fn: the dataset's own batching (e.g. encoded JPEG bytes), default torch's.
+    of a full epoch. Batches are whole (drop_last) unless keep_last_batch. collate_fn: the dataset's own batching
+    (e.g. encoded JPEG bytes), default torch's.
     """
     sampler = ResumableSampler(dataset, batch_size, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
-                               drop_last=drop_last_sampler)
+                               drop_last=drop_last_sampler, keep_last_batch=keep_last_batch)
     return torch.utils.data.DataLoader(
         SeededSamples(dataset), sampler=sampler, batch_size=batch_size, num_workers=num_workers,
-        pin_memory=pin_memory, drop_last=True, persistent_workers=num_workers > 0, collate_fn=collate_fn,
-        worker_init_fn=ignore_stop_signals_in_worker if num_workers > 0 else None)
+        pin_memory=pin_memory, drop_last=not keep_last_batch, persistent_workers=num_workers > 0,
+        collate_fn=collate_fn, worker_init_fn=ignore_stop_signals_in_worker if num_workers > 0 else None)

@@ -4,7 +4,8 @@ One figure row per image, columns (DAMA; the MAE baseline, one student, gets no 
 
     input | mask1 | rec1 | mask2 | rec2 | loss1
 
-- input: false-colour composite of three chosen channels (R, G, B), each channel min-max normalised per image;
+- input: false-colour composite of three chosen channels (R, G, B; --vis_channels), each channel min-max normalised
+  per image; 2-channel data shows channel 0 in red and channel 1 in green, 1-channel data in grey;
 - mask1 / mask2: the composite with the patches hidden from student 1 / 2 filled with flat grey (HIDDEN_GREY);
 - rec1 / rec2: the student's reconstruction: its visible patches copied from the input, its hidden patches
   predicted and, with norm-pix loss, mapped back to pixels with each target patch's own mean and variance;
@@ -40,15 +41,24 @@ LOSS_COLUMN = "loss1"
 # Channels and display ranges
 # --------------------------------------------------------------------------------------------------
 def default_channels(in_chans: int) -> tuple:
-    """(2, 3, 4) for the 7-channel panel; the first three (or channel 0 as grey) for fewer channels."""
+    """(2, 3, 4) for the 7-channel panel (and 5 or more channels); the first three for 3-4 channels; with 2 channels
+    channel 0 in red and 1 in green (None: a black blue); the one channel as grey."""
     if in_chans >= 5:
         return DEFAULT_RGB_CHANNELS
     if in_chans >= 3:
         return (0, 1, 2)
+    if in_chans == 2:
+        return (0, 1, None)
     return (0, 0, 0)
 
 
-def parse_channels(text: str, in_chans: int, flag: str = "--channels") -> tuple:
+def select_rgb(images: torch.Tensor, channels) -> torch.Tensor:
+    """[N, C, H, W] -> [N, 3, H, W]: the chosen channel in each of R, G, B (None: zero)."""
+    zero = torch.zeros_like(images[:, :1])
+    return torch.cat([images[:, c:c + 1] if c is not None else zero for c in channels], dim=1)
+
+
+def parse_channels(text: str, in_chans: int, flag: str = "--vis_channels") -> tuple:
     """'2,3,4' -> (2, 3, 4); ValueError naming the flag unless three indices in [0, in_chans)."""
     try:
         channels = tuple(int(part) for part in text.split(","))
@@ -248,7 +258,8 @@ def reconstruction_figure(model, imgs: torch.Tensor, channels=None, per_channel:
                           seed: int = 0) -> torch.Tensor:
     """The figure for a batch imgs [N, C, S, S] as a float image [3, H, W] in [0, 1] (layout: module docstring).
 
-    channels: three channel indices shown as R, G, B (default: default_channels(C)). seed: mask generator seed.
+    channels: three channel indices shown as R, G, B (default: default_channels(C); None in a slot: black).
+    seed: mask generator seed.
     """
     imgs = imgs.float()
     in_chans, img_size = imgs.shape[1], imgs.shape[-1]
@@ -257,7 +268,7 @@ def reconstruction_figure(model, imgs: torch.Tensor, channels=None, per_channel:
     titles = student_columns(model)
     panels = raw_panels(model, imgs, out)
     low, high = display_range(imgs)
-    rgb = displayed(panels, out, model.patch_size, low, high, lambda x: x[:, list(channels)])
+    rgb = displayed(panels, out, model.patch_size, low, high, lambda x: select_rgb(x, channels))
     per_channel_rows = []
     if per_channel:
         for c in range(in_chans):
@@ -305,7 +316,9 @@ def write_training_figure(model, dataset, epoch: int, log_writer, args) -> Path:
     """
     device = next(model.parameters()).device
     imgs = fixed_batch(dataset, args.vis_num_images, args.seed).to(device)
-    image = reconstruction_figure(model, imgs, seed=args.seed)
+    vis_channels = getattr(args, "vis_channels", None)
+    channels = parse_channels(vis_channels, imgs.shape[1], "--vis_channels") if vis_channels else None
+    image = reconstruction_figure(model, imgs, channels=channels, seed=args.seed)
     path = None
     if args.output_dir:
         path = save_figure(image, Path(args.output_dir) / "vis" / f"recon_epoch{epoch}.png")
