@@ -48,7 +48,6 @@ import numpy as np
 import tifffile
 import torch
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's modules live in the repo root
 
@@ -224,6 +223,13 @@ def write_tiffs_one(path: Path, crop: np.ndarray) -> Path:
     return path
 
 
+class ReadOnly(TensorTransform):
+    """No augmentation: the 'read' rows time reading alone."""
+
+    def __call__(self, image):
+        return image
+
+
 def bench_packed(args, tmp: Path) -> list:
     """img/s per worker reading crops from cells.npy vs from TIFF files, alone and with each augmentation's
     worker side (rows: pipeline read / read_cpu_augment / read_gpu_crop, layout packed / tiff)."""
@@ -231,14 +237,10 @@ def bench_packed(args, tmp: Path) -> list:
     for size in args.packed_sizes:
         tiff_paths = write_packed_and_tiffs(tmp / f"packed_{size}", args.num_files, size, args.in_chans)
         samples = [(path, 0) for path in tiff_paths]
-        views = {"read": None, "read_cpu_augment": build_pretrain_transform(size),
-                 "read_gpu_crop": v2.RandomCrop(crop_size(size))}
+        views = {"read": ReadOnly(), "read_cpu_augment": build_pretrain_transform(size),
+                 "read_gpu_crop": WorkerCrop(size)}  # the --gpu_augment workers' side: only the crop becomes float
         for pipeline, transform in views.items():
-            if pipeline == "read_gpu_crop":  # the --gpu_augment workers' own TIFF reader: only the crop becomes float
-                tiff = CroppedImageFiles(samples, ["unlabelled"], args.in_chans, size)
-            else:
-                tiff = ImageFileDataset(samples, ["unlabelled"], args.in_chans,
-                                        TensorTransform(transform or (lambda image: image), 0))
+            tiff = ImageFileDataset(samples, ["unlabelled"], args.in_chans, transform)
             datasets = {"packed": PackedCells(tmp / f"packed_{size}", transform=transform), "tiff": tiff}
             for layout, dataset in datasets.items():
                 rate = time_single_process(dataset, args.min_seconds)
