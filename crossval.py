@@ -431,9 +431,11 @@ def random_init_checkpoint(output_dir: Path, script: str, train_args) -> str:
     --arch, --img_size, --patch_size, --in_chans and --seed (written once, reused by later calls)."""
     import importlib
 
+    import main_finetune
     import main_pretrain
 
     known, _ = importlib.import_module(script).get_args_parser().parse_known_args(list(train_args))
+    main_finetune.describe_model(known)  # the runs' arch, sizes and channels where the flags leave them out
     settings = {key: getattr(known, key) for key in INIT_SETTINGS}
     folder = output_dir / "random_init" / slug("_".join(f"{k}{v}" for k, v in settings.items()))
     flags = ["--epochs", "0", "--output_dir", str(folder), "--device", "cpu"]

@@ -28,9 +28,9 @@ from util.channels import (add_channel_name_args, check_data_channels, data_chan
 from util.checkpoint import (add_resume_args, check_save_schedule, describing_checkpoint, fill_from_checkpoint,
                               find_resume_checkpoint, load_checkpoint, load_model_strict, resume, run_identity,
                               run_is_finished, save_model, saved_args)
-from util.cli import add_bool_flag, run_tool
+from util.cli import add_bool_flag, make_parser, run_tool
 from util.convert import load_pretrained_encoder
-from util.datasets import build_finetune_dataset, build_finetune_test_dataset
+from util.datasets import build_finetune_dataset, build_finetune_test_dataset, check_one_batch_per_process
 from util.errors import ConfigError, DataError
 from util.imagenet import add_finetune_augment_args, add_recipe_arg, recipe_in_chans, resolve_recipe
 from util.lr_sched import resolve_lr
@@ -75,15 +75,17 @@ def add_model_args(parser):
 
 def add_optimizer_args(parser):
     parser.add_argument("--batch_size", default=64, type=int, help="batch size per GPU/process")
-    parser.add_argument("--epochs", default=50, type=int)
+    parser.add_argument("--epochs", default=50, type=int, help="training epochs (paper: 150)")
     parser.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps")
     parser.add_argument("--clip_grad", default=None, type=float, help="max gradient norm (default: no clipping)")
-    parser.add_argument("--weight_decay", default=0.05, type=float)
+    parser.add_argument("--weight_decay", default=0.05, type=float,
+                        help="AdamW weight decay (none on biases, norms and embeddings)")
     parser.add_argument("--lr", default=None, type=float, help="absolute lr (default: blr * eff. batch / 256)")
     parser.add_argument("--blr", default=1e-3, type=float, help="base lr for an effective batch of 256")
     parser.add_argument("--layer_decay", default=0.75, type=float, help="layer-wise lr decay (BEiT/MAE)")
     parser.add_argument("--min_lr", default=1e-6, type=float, help="lr floor of the cosine schedule")
-    parser.add_argument("--warmup_epochs", default=5, type=int)
+    parser.add_argument("--warmup_epochs", default=5, type=int,
+                        help="epochs of linear lr warm-up from 0 (per iteration), before the cosine decay")
     parser.add_argument("--amp_dtype", default=None, choices=("bf16", "fp16", "none"),
                         help="autocast dtype (default: bf16 on cuda, none on cpu)")
 
@@ -96,7 +98,8 @@ def add_augmentation_args(parser):
                         help="cutmix min/max box ratio (overrides --cutmix)")
     parser.add_argument("--mixup_prob", default=1.0, type=float, help="probability of mixup or cutmix per batch")
     parser.add_argument("--mixup_switch_prob", default=0.5, type=float, help="probability of cutmix over mixup")
-    parser.add_argument("--mixup_mode", default="batch", choices=("batch", "pair", "elem"))
+    parser.add_argument("--mixup_mode", default="batch", choices=("batch", "pair", "elem"),
+                        help="timm Mixup: one mixing per batch, per pair or per image")
     add_finetune_augment_args(parser)
     add_augmentation_flags(parser)  # --crop_scale, --rotation, --max_shift of the training images
 
@@ -109,7 +112,8 @@ def add_checkpoint_args(parser):
     parser.add_argument("--output_dir", default="./output_dir", help="checkpoints and log.txt go here")
     parser.add_argument("--log_dir", default=None, help="TensorBoard folder (default: --output_dir)")
     parser.add_argument("--resume", default="", help="fine-tuning checkpoint to resume from")
-    parser.add_argument("--start_epoch", default=0, type=int)
+    parser.add_argument("--start_epoch", default=0, type=int,
+                        help="first epoch when not resuming (a resumed run continues where its checkpoint stopped)")
     parser.add_argument("--save_freq", default=50, type=int, help="also keep checkpoint-<epoch>.pth this often")
     parser.add_argument("--print_freq", default=PRINT_FREQ, type=int, help="log every N steps")
     parser.add_argument("--eval", action="store_true", help="evaluate (--resume CKPT) and exit")
@@ -144,8 +148,12 @@ def get_args_parser():
     add_augmentation_args(parser)
     add_checkpoint_args(parser)
     add_data_args(parser)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seed", default=0, type=int)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where to train: cuda (default when a GPU is present) or cpu; under torchrun/SLURM "
+                             "each process takes cuda:<local rank>")
+    parser.add_argument("--seed", default=0, type=int,
+                        help="seed of the init, the data order, the augmentations and the masks (each process "
+                             "adds its rank)")
     misc.add_distributed_args(parser)
     return parser
 
@@ -165,6 +173,7 @@ def describe_model(args) -> None:
 
 def resolve_defaults(args):
     """Fill the defaults that depend on other flags."""
+    describe_model(args)  # a no-op after main's call: the model flags left out, from the checkpoint
     if args.amp_dtype is None:
         args.amp_dtype = "bf16" if str(args.device).startswith("cuda") else "none"
     if args.log_dir is None:
@@ -259,9 +268,7 @@ def build_loaders(args, dataset_train, dataset_val, keep_last_batch: bool = Fals
     loader_val = torch.utils.data.DataLoader(dataset_val, sampler=sampler_val, batch_size=args.batch_size,
                                              drop_last=False, num_workers=args.num_workers, pin_memory=pin_memory,
                                              persistent_workers=args.num_workers > 0)
-    if len(loader_train) == 0:
-        raise DataError(f"{len(dataset_train)} training images are fewer than one batch of {args.batch_size} "
-                        f"x {world_size} processes; lower --batch_size")
+    check_one_batch_per_process(len(dataset_train), args.batch_size, world_size, drop_last=not keep_last_batch)
     dropped = 0 if keep_last_batch else per_rank - len(loader_train) * args.batch_size
     print(f"{len(loader_train)} steps per epoch: {per_rank} training images per process in batches of "
           f"{args.batch_size}" + (f", the last {dropped} dropped" if dropped else ""))
@@ -472,6 +479,26 @@ def setup(args, identity: dict, make_model=build_finetune_model, make_optimizer=
                 loader_test=build_test_loader(args, dataset_test))
 
 
+def preflight(args, world_size: int) -> None:
+    """The job's start-up checks, run by the submitit launcher in its own process before it submits
+    (util/launch.py): flags, another run in the output folder, the data (every file's header, the classes, at least
+    one batch per process of a `world_size`-process job), and the --finetune / --resume checkpoints loaded into the
+    model they must fit. Writes nothing but the data index cache, which the job then reuses."""
+    describe_model(args)
+    identity = run_identity(args)
+    resolve_defaults(args)
+    find_resume_checkpoint(args, identity)
+    dataset_train, dataset_val = build_datasets(args)
+    num_classes = check_num_classes(args, dataset_train, dataset_val)
+    check_class_names(args, list(dataset_train.classes))
+    check_one_batch_per_process(len(dataset_train), args.batch_size, world_size)
+    model = build_finetune_model(args, num_classes)  # loads --finetune: another arch or shape is an error
+    if args.resume:
+        load_model_strict(model, load_checkpoint(args.resume)["model"], args.resume)
+    print(f"pre-flight checks passed: {args.arch}, {len(dataset_train)} training images of {num_classes} classes "
+          f"for {world_size} processes of batch {args.batch_size}")
+
+
 def main(args, setup_fn=setup):
     """--eval: one evaluation pass; otherwise the training loop. setup_fn: main_linprobe.py's setup."""
     describe_model(args)  # arch, sizes, channels, pooling and recipe from the checkpoint when left out
@@ -498,12 +525,12 @@ def main(args, setup_fn=setup):
         return train(args, run)
 
 
-def run_cli(argv=None, parent_parser=None, prog="DAMA fine-tuning", main_fn=main) -> int:
+def run_cli(argv=None, parent_parser=None, description="DAMA fine-tuning", main_fn=main) -> int:
     """Exit code 2 with one `error: ...` line for bad flags/files, 3 for a diverged run (util/cli.py).
 
-    parent_parser (default: get_args_parser()), prog and main_fn: main_linprobe.py's.
+    parent_parser (default: get_args_parser()), description and main_fn: main_linprobe.py's.
     """
-    parser = argparse.ArgumentParser(prog, parents=[parent_parser or get_args_parser()])
+    parser = make_parser(description, parents=[parent_parser or get_args_parser()])
     return run_tool(main_fn, parser.parse_args(argv))
 
 

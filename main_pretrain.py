@@ -16,15 +16,16 @@ import models_dama
 import util.misc as misc
 from engine_pretrain import train_one_epoch
 from util.checkpoint import (add_resume_args, check_save_schedule, describing_checkpoint, fill_from_checkpoint,
-                              find_resume_checkpoint, resume, run_identity, run_is_finished, save_model, saved_args)
+                              find_resume_checkpoint, load_checkpoint, load_model_strict, resume, run_identity,
+                              run_is_finished, save_model, saved_args)
 from util.channels import add_channel_name_args, data_channel_names
-from util.cli import add_bool_flag, run_tool
-from util.datasets import build_pretrain_dataset
-from util.errors import ConfigError, DataError
+from util.cli import add_bool_flag, make_parser, run_tool
+from util.datasets import build_pretrain_dataset, check_one_batch_per_process
+from util.errors import ConfigError
 from util.gpu_augment import build_gpu_augment, build_gpu_pretrain_dataset
 from util.imagenet import (DeviceDecode, add_recipe_arg, build_encoded_pretrain_dataset, recipe_in_chans,
                            resolve_recipe)
-from util.knn import KnnMonitor, add_knn_args
+from util.knn import KnnMonitor, add_knn_args, build_knn_datasets
 from util.lr_decay import param_groups_weight_decay
 from util.lr_sched import resolve_lr
 from util.normalize import add_normalize_args, check_percentiles, describe
@@ -80,14 +81,17 @@ def get_args_parser():
     # Optimisation
     parser.add_argument("--batch_size", default=64, type=int, help="images per GPU per step")
     parser.add_argument("--epochs", default=500, type=int,
-                        help="epochs to train (0: only write the untrained model as checkpoint-init.pth, see --save_init)")
-    parser.add_argument("--warmup_epochs", default=40, type=int)
+                        help="epochs to train (0: only write the untrained model as checkpoint-init.pth, see "
+                             "--save_init)")
+    parser.add_argument("--warmup_epochs", default=40, type=int,
+                        help="epochs of linear lr warm-up from 0 (per iteration), before the cosine decay")
     parser.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps")
-    parser.add_argument("--weight_decay", default=0.05, type=float)
+    parser.add_argument("--weight_decay", default=0.05, type=float,
+                        help="AdamW weight decay (none on biases, norms and embeddings)")
     parser.add_argument("--lr", default=None, type=float, help="absolute lr (overrides --blr)")
     parser.add_argument("--blr", default=1.5e-4, type=float,
                         help="base lr: lr = blr * batch_size * accum_iter * world_size / 256")
-    parser.add_argument("--min_lr", default=0.0, type=float)
+    parser.add_argument("--min_lr", default=0.0, type=float, help="lr floor of the cosine schedule")
     parser.add_argument("--amp_dtype", default=None, choices=["bf16", "fp16", "none"],
                         help="mixed precision (default: bf16 on cuda, none on cpu)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -116,11 +120,16 @@ def get_args_parser():
     # Run
     parser.add_argument("--output_dir", default="./output_dir", help="checkpoints and log.txt")
     parser.add_argument("--log_dir", default=None, help="TensorBoard folder (default: --output_dir)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seed", default=0, type=int)
-    parser.add_argument("--resume", default="", help="checkpoint to resume from (default: "
-                                                     "<output_dir>/checkpoint.pth when it exists)")
-    parser.add_argument("--start_epoch", default=0, type=int)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where to train: cuda (default when a GPU is present) or cpu; under torchrun/SLURM "
+                             "each process takes cuda:<local rank>")
+    parser.add_argument("--seed", default=0, type=int,
+                        help="seed of the init, the data order, the augmentations and the masks (each process "
+                             "adds its rank)")
+    parser.add_argument("--resume", default="", help="checkpoint to resume from (default: <output_dir>/checkpoint.pth "
+                                                     "when it exists and its run matches the command)")
+    parser.add_argument("--start_epoch", default=0, type=int,
+                        help="first epoch when not resuming (a resumed run continues where its checkpoint stopped)")
     parser.add_argument("--save_freq", default=50, type=int, help="keep checkpoint-<epoch>.pth every N epochs")
     parser.add_argument("--print_freq", default=20, type=int, help="log every N steps")
     parser.add_argument("--vis_freq", default=20, type=int,
@@ -155,6 +164,7 @@ def describe_model(args) -> None:
 
 def resolve_defaults(args):
     """Fill the defaults that depend on the machine or on other flags."""
+    describe_model(args)  # a no-op after main's call: the model flags left out, from the checkpoint
     if args.amp_dtype is None:
         args.amp_dtype = "bf16" if str(args.device).startswith("cuda") else "none"
     args.log_dir = args.log_dir or args.output_dir
@@ -192,9 +202,7 @@ def build_loader(dataset, args):
     loader = resumable_loader(dataset, args.batch_size, args.num_workers, args.seed, args.world_size, args.rank,
                               pin_memory=args.pin_mem and str(args.device).startswith("cuda"), drop_last_sampler=True,
                               collate_fn=getattr(dataset, "collate_fn", None))
-    if len(loader) == 0:
-        raise DataError(f"the dataset has {len(dataset)} images, fewer than one batch per process "
-                        f"(--batch_size {args.batch_size} x {args.world_size} processes)")
+    check_one_batch_per_process(len(dataset), args.batch_size, args.world_size, "images", padded=False)
     return loader
 
 
@@ -207,6 +215,33 @@ def save_initial_checkpoint(args, model, identity: dict) -> None:
         return
     save_model(args, -1, model, None, None, name=INIT_CHECKPOINT, run=identity)
     print(f"Wrote the untrained model to {path}")
+
+
+def build_training_dataset(args):
+    """What the workers read: encoded JPEGs (--decode gpu), worker crops (--gpu_augment) or augmented images."""
+    if args.decode == "gpu":
+        return build_encoded_pretrain_dataset(args)
+    return build_gpu_pretrain_dataset(args) if args.gpu_augment else build_pretrain_dataset(args)
+
+
+def preflight(args, world_size: int) -> None:
+    """The job's start-up checks, run by the submitit launcher in its own process before it submits
+    (util/launch.py): flags, the model, another run in the output folder, the data (every file's header, at least
+    one batch per process of a `world_size`-process job), the kNN data and a --resume checkpoint. Writes nothing
+    but the data index cache, which the job then reuses."""
+    describe_model(args)
+    identity = run_identity(args)
+    resolve_defaults(args)
+    find_resume_checkpoint(args, identity)
+    model = build_model(args)
+    dataset = build_training_dataset(args)
+    check_one_batch_per_process(len(dataset), args.batch_size, world_size, "images", padded=False)
+    if args.knn_freq > 0:
+        build_knn_datasets(args)
+    if args.resume:
+        load_model_strict(model, load_checkpoint(args.resume)["model"], args.resume)
+    print(f"pre-flight checks passed: {args.arch}, {len(dataset)} images for {world_size} processes of "
+          f"batch {args.batch_size}")
 
 
 def main(args):
@@ -232,10 +267,7 @@ def train(args, identity: dict):
         save_initial_checkpoint(args, model, identity)
         if args.epochs == 0:
             return
-    if args.decode == "gpu":
-        dataset = build_encoded_pretrain_dataset(args)
-    else:
-        dataset = build_gpu_pretrain_dataset(args) if args.gpu_augment else build_pretrain_dataset(args)
+    dataset = build_training_dataset(args)
     skipped = getattr(dataset, "skipped_bad_files", 0)  # --skip_bad_files: logged in this run's first log.txt line
     print(f"dataset: {len(dataset)} images" + (f" ({skipped} bad files left out)" if skipped else ""))
     record_data_description(args, dataset)
@@ -305,5 +337,5 @@ def train(args, identity: dict):
 
 
 if __name__ == "__main__":
-    args = argparse.ArgumentParser("DAMA pretraining", parents=[get_args_parser()]).parse_args()
+    args = make_parser("DAMA pretraining", parents=[get_args_parser()]).parse_args()
     sys.exit(run_tool(main, args))  # exit codes: util/cli.py

@@ -8,8 +8,11 @@ Takes every flag of main_finetune.py plus the launcher's (--ngpus --nodes --time
 --cluster ...; see --help). A preempted or timed-out job requeues itself and resumes from
 <job_dir>/checkpoint.pth.
 """
+import sys
+
 import main_finetune
 from util import launch
+from util.cli import run_tool
 
 DESCRIPTION = "submitit launcher for DAMA fine-tuning"
 
@@ -19,9 +22,14 @@ def parse_args(argv=None):
     return launch.parse_args(main_finetune.get_args_parser(), DESCRIPTION, argv)
 
 
+def submit(args):
+    """Check, submit and (--cluster local) follow the job; util.launch.submit."""
+    return launch.submit(args, "main_finetune")
+
+
 def main(argv=None):
-    return launch.submit(parse_args(argv), "main_finetune")
+    return submit(parse_args(argv))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(submit, parse_args()))  # exit codes: util/cli.py; a followed job's own status when it fails

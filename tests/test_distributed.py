@@ -16,6 +16,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as the worker script, tests/ would be first on the path
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -209,14 +210,36 @@ def fake_slurm(tmp_path, monkeypatch):
     return bin_dir
 
 
+def write_paper_inputs(folder: Path) -> None:
+    """What the paper's commands name, in `folder`: path_to_dataset_folder (train/ with enough 7-channel crops for
+    4 processes of batch 128, and val/) and path_to_pretrained_file (a ViT-T DAMA pretraining checkpoint), so that
+    the launchers' pre-flight checks pass as they would on the cluster."""
+    import tifffile
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 128 * 4), ("val", 4)):
+        for i in range(count):
+            path = folder / "path_to_dataset_folder" / split / ("a", "b")[i % 2] / f"{i}.tif"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tifffile.imwrite(path, rng.integers(0, 65535, (7, 112, 112), dtype=np.uint16), photometric="minisblack")
+    model = models_dama.build_model("main_vit_tiny", img_size=224, decoder_depth=1)
+    torch.save({"model": model.state_dict(), "epoch": 499,
+                "args": {"arch": "main_vit_tiny", "img_size": 224, "patch_size": 16, "in_chans": 7}},
+               folder / "path_to_pretrained_file")
+
+
 @pytest.mark.parametrize("script,command", [("submitit_pretrain", PAPER_PRETRAIN),
                                             ("submitit_finetune", PAPER_FINETUNE)], ids=["pretrain", "finetune"])
-def test_paper_commands_submit_one_task_per_gpu_to_slurm(fake_slurm, tmp_path, script, command, capsys):
-    """The README commands, as written, on a machine with sbatch: 1 node, 4 tasks, 4 GPUs, requeue signal."""
+def test_paper_commands_submit_one_task_per_gpu_to_slurm(fake_slurm, tmp_path, monkeypatch, script, command, capsys):
+    """The README commands, as written, on a machine with sbatch: pre-flight checks pass here, then 1 node, 4 tasks,
+    4 GPUs, the requeue signal."""
+    monkeypatch.chdir(tmp_path)
+    write_paper_inputs(tmp_path)
     module = __import__(script)
     job_dir = tmp_path / "out"
     job = module.main(command.format(job_dir=job_dir).split())
-    assert job.job_id == "4242" and "Submitted job_id: 4242" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "pre-flight checks passed: main_vit_tiny" in out and "for 4 processes of batch" in out
+    assert job.job_id == "4242" and "Submitted job_id: 4242" in out
     sbatch = (fake_slurm / "submitted.sh").read_text()
     for line in ("--nodes=1", "--ntasks-per-node=4", "--gpus-per-node=4", "--time=4320", "--signal=USR2@120",
                  "--mem=40GB", f"--output={job_dir}/submitit/%j_0_log.out", "--job-name=dama"):
@@ -228,29 +251,87 @@ def test_paper_commands_submit_one_task_per_gpu_to_slurm(fake_slurm, tmp_path, s
     assert trainer.args.device == "cuda" and trainer.args.ngpus == 4 and trainer.args.job_dir == str(job_dir)
 
 
-def test_launcher_flags(capsys):
+def test_launcher_flags(capsys, fake_slurm):
     import submitit_pretrain
     from util import launch
     args = submitit_pretrain.parse_args(["--cluster", "local", "--device", "cpu", "--ngpus", "3", "--num_workers",
                                          "2", "--constraint", "a100", "--use_volta32", "--account", "lab",
-                                         "--qos", "high", "--exclude", "node7", "--partition", "gpu"])
+                                         "--qos", "high", "--exclude", "node7", "--partition", "gpu", "--dry_run"])
+    assert launch.submit(args, "main_pretrain") is None  # prints the parameters, checks and submits nothing
+    assert "tasks_per_node: 3\n" in capsys.readouterr().out
     params = launch.executor_parameters(args)
     assert params["gpus_per_node"] == 0 and params["tasks_per_node"] == 3  # CPU processes, no GPU request
     assert params["cpus_per_task"] == 3 and params["mem_gb"] == 30
     assert params["slurm_constraint"] == "a100&volta32gb" and params["slurm_partition"] == "gpu"
     assert (params["slurm_account"], params["slurm_qos"], params["slurm_exclude"]) == ("lab", "high", "node7")
     assert args.job_dir == str(Path.cwd() / "job_dir" / "%j")
-    args.dry_run = True
-    assert launch.submit(args, "main_pretrain") is None  # prints the parameters, submits nothing
-    assert "tasks_per_node: 3\n" in capsys.readouterr().out
     for argv, message in ((["--cluster", "local", "--nodes", "2"], "--nodes 2: --cluster local runs on this one "
                                                                    "machine; use --nodes 1 or --cluster slurm"),
                           (["--cluster", "debug", "--ngpus", "2"], "--ngpus 2: --cluster debug runs one process"),
                           (["--timeout", "0"], "--timeout must be at least 1, got 0")):
-        with pytest.raises(SystemExit) as exit_info:
-            submitit_pretrain.parse_args(argv)
-        stderr = capsys.readouterr().err
-        assert exit_info.value.code == 2 and stderr.startswith(f"error: {message}") and stderr.count("\n") == 1
+        with pytest.raises(launch.LaunchError, match=re.escape(message)):
+            launch.resolve_launch_args(submitit_pretrain.parse_args(argv))
+
+
+def launcher(script, *flags, path=None, cwd=REPO):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    if path is not None:
+        env["PATH"] = path
+    return subprocess.run([sys.executable, str(REPO / f"{script}.py"), *map(str, flags)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+
+
+@pytest.mark.parametrize("script", ["submitit_pretrain", "submitit_finetune"])
+def test_launchers_without_slurm_stop_before_submitting_with_one_line(tmp_path, script):
+    python_only = str(Path(sys.executable).parent)  # no sbatch, no srun
+    result = launcher(script, "--dataset", "synthetic", "--job_dir", tmp_path / "j", path=python_only)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        "error: there is no SLURM on this machine (no sbatch on PATH); run the job here with --cluster local (one "
+        "process per --ngpus, in the foreground) or --cluster debug (in this process), or launch from a SLURM login "
+        "node"]
+    (tmp_path / "bin").mkdir()  # sbatch but no srun: --cluster slurm cannot submit either
+    (tmp_path / "bin" / "sbatch").write_text("#!/bin/sh\nexit 1\n")
+    (tmp_path / "bin" / "sbatch").chmod(0o755)
+    result = launcher(script, "--cluster", "slurm", "--dataset", "synthetic", path=f"{tmp_path / 'bin'}:{python_only}")
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        "error: --cluster slurm needs SLURM's srun on PATH, and this machine has none; use --cluster local or "
+        "--cluster debug here"]
+    assert "Submitted" not in result.stdout and not list(tmp_path.rglob("*.pkl"))
+
+
+def test_a_local_job_on_too_little_data_fails_in_the_launcher_never_submitted(tmp_path):
+    result = launcher("submitit_pretrain", "--cluster", "local", "--ngpus", "2", *TINY_PRETRAIN,
+                      "--synthetic_size", "6", "--job_dir", tmp_path / "job")
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr
+    assert result.stderr.splitlines() == [
+        "error: the data has 6 images, fewer than one batch per process (--batch_size 4 x 2 processes = 8); lower "
+        "--batch_size or use fewer processes"]
+    assert "Pre-flight checks in this process for a job of 2 processes" in result.stdout
+    assert "Submitted" not in result.stdout and not (tmp_path / "job" / "submitit").exists()
+
+
+def test_a_local_job_whose_rank_is_killed_ends_the_launcher_naming_rank_and_signal(tmp_path):
+    job_dir = tmp_path / "job"
+    proc = subprocess.Popen([sys.executable, "submitit_pretrain.py", "--cluster", "local", "--ngpus", "2",
+                             *TINY_PRETRAIN, "--synthetic_size", "64", "--epochs", "50", "--job_dir", job_dir],
+                            cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:  # rank 0's output, streamed by the launcher
+            if "Epoch: [0]" in line:
+                break
+        (log,) = (job_dir / "submitit").glob("*_1_log.out")
+        rank1 = int(re.search(r"task 1/2 on \S+ \(pid (\d+)\)", log.read_text()).group(1))
+        os.kill(rank1, signal.SIGKILL)  # as the kernel's out-of-memory killer would
+        _, stderr = proc.communicate(timeout=TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGKILL, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: job ") and "failed: rank 1 was killed by SIGKILL (the signal the kernel's " \
+                                                  "out-of-memory killer sends); its peak memory was" in last, last
 
 
 def test_checkpoint_resubmits_with_the_jobs_own_checkpoint(tmp_path):
@@ -274,24 +355,16 @@ def wait_for(condition, what, timeout_s=TIMEOUT_S):
         time.sleep(0.05)
 
 
-def test_submitit_local_cli_runs_a_job_to_completion(tmp_path):
+def test_submitit_local_cli_runs_a_job_to_completion_in_the_foreground(tmp_path):
     job_dir = tmp_path / "job"
-    # One compute thread: on a busy machine torch's threads spin against other processes (a step gets ~10x slower)
-    result = run([sys.executable, "submitit_pretrain.py", "--cluster", "local", "--ngpus", "1", *TINY_PRETRAIN,
-                  "--synthetic_size", "16", "--epochs", "1", "--job_dir", job_dir],
-                 env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = launcher("submitit_pretrain", "--cluster", "local", "--ngpus", "1", *TINY_PRETRAIN,
+                      "--synthetic_size", "16", "--epochs", "1", "--job_dir", job_dir)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     job_id = re.search(r"Submitted job_id: (\d+)", result.stdout).group(1)
-    from submitit.local.local import LocalJob
-    job = LocalJob(job_dir / "submitit", job_id)  # the CLI has exited; the job runs on in the background
-    try:
-        wait_for(lambda: job.paths.result_pickle.exists(), "the job's result")
-        job.result()  # raises with the job's traceback if it failed
-    finally:
-        if not job.paths.result_pickle.exists():
-            os.kill(int(job_id), signal.SIGINT)  # the local job id is its controller's pid
-    assert [line["epoch"] for line in log_lines(job_dir)] == [0]
+    assert f"submitit job {job_id}, task 0/1" in result.stdout  # rank 0's log, streamed while the job ran
+    assert f"Job {job_id} finished: all 1 processes ended with exit status 0" in result.stdout
+    assert [line["epoch"] for line in log_lines(job_dir) if "epoch" in line] == [0]
     assert load_checkpoint(job_dir / "checkpoint.pth")["epoch"] == 0
-    assert f"submitit job {job_id}, task 0/1" in job.stdout()
 
 
 def log_complete(path) -> bool:
@@ -328,8 +401,9 @@ def test_preempted_local_job_requeues_and_resumes_from_its_checkpoint(tmp_path, 
     from util import launch
     monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
     job_dir = tmp_path / "job"
-    args = submitit_pretrain.parse_args(["--cluster", "local", "--ngpus", "2", *TINY_PRETRAIN, "--synthetic_size",
-                                         "32", "--epochs", "3", "--print_freq", "1", "--job_dir", str(job_dir)])
+    args = submitit_pretrain.parse_args(["--cluster", "local", "--detach", "--ngpus", "2", *TINY_PRETRAIN,
+                                         "--synthetic_size", "32", "--epochs", "3", "--print_freq", "1",
+                                         "--job_dir", str(job_dir)])
     job = launch.submit(args, "main_pretrain")
     try:
         # epoch 0's checkpoint.pth is written before its log line

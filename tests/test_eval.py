@@ -227,6 +227,7 @@ def test_crossval_selects_on_an_inner_grouped_split_and_scores_the_test_fold_onc
     # the test fold's number is checkpoint-best.pth evaluated on the test images, recomputed here
     run = Path(table["rows"][1]["logs"][0]).parent
     args = main_finetune.get_args_parser().parse_args(["--arch", "main_vit_tiny", *TINY, "--num_classes", "2"])
+    main_finetune.describe_model(args)  # the model flags left out: the defaults
     model = main_finetune.build_model(args, 2).eval()
     model.load_state_dict(torch.load(run / "checkpoint-best.pth", weights_only=True)["model"])
     transform = build_finetune_transform(False, 32, 32)

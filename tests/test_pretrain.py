@@ -146,6 +146,7 @@ def test_switches_turn_off_in_the_readme_spelling(spelling):
     args = parser.parse_args([spelling, "--no_pin_mem", "--gpu_augment", "--arch", "main_vit_tiny",
                               "--img_size", "32", "--patch_size", "8", "--decoder_depth", "1"])
     assert not args.norm_pix_loss and not args.pin_mem and args.gpu_augment
+    main_pretrain.describe_model(args)  # no checkpoint: the defaults for the flags left out
     main_pretrain.resolve_defaults(args)
     model = main_pretrain.build_model(args)
     assert not model.norm_pix_loss

@@ -8,10 +8,11 @@ Exit codes of all scripts:
     128 + N  stopped by signal N (SIGTERM, SIGUSR1, ... from SLURM or torchrun) after writing checkpoint.pth at
        the current step: one `stopped: ...` line; the same command continues the run
 """
+import argparse
 import re
 import sys
 
-from util.errors import NonFiniteLossError, UserError
+from util.errors import JobFailed, NonFiniteLossError, UserError
 from util.run_control import TrainingStopped
 
 EXIT_OK, EXIT_CRASH, EXIT_USER_ERROR, EXIT_DIVERGED = 0, 1, 2, 3
@@ -75,6 +76,9 @@ def run_tool(main, args) -> int:
     except TrainingStopped as stop:
         sys.stderr.write(f"stopped: {stop}\n")
         return 128 + stop.signum
+    except JobFailed as failed:  # a launched job's own exit status (util.launch)
+        sys.stderr.write(f"error: {failed}\n")
+        return failed.exit_code
     finally:
         # only a script that loaded util.misc can have joined a process group; importing it here would load torch
         # into tools that never need it (prepare_cells.py)
@@ -91,3 +95,30 @@ def add_bool_flag(parser, name, default, help=None):
                         help=f"turn --{name} off (default: {'on' if default else 'off'})")
     parser.set_defaults(**{name: default})
     return parser
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows every flag's default, unless its help already says what the default is or there is none."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
+
+
+class CommandLineParser(argparse.ArgumentParser):
+    """argparse for the scripts: defaults in --help, and a mistake in the flags is one `error: ...` line and exit
+    code 2, like every other user error (instead of argparse's usage dump)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def make_parser(description: str, parents=(), **kwargs) -> CommandLineParser:
+    """The top-level parser of a script, on top of its get_args_parser() (which submitit launchers reuse)."""
+    return CommandLineParser(description=description, parents=list(parents), **kwargs)

@@ -183,6 +183,18 @@ def checked_folder_dataset(files: FileList, classes, args, transform: TensorTran
     return dataset
 
 
+def check_one_batch_per_process(num_images: int, batch_size: int, world_size: int, what: str = "training images",
+                                padded: bool = True, drop_last: bool = True) -> None:
+    """DataError unless every process gets at least one batch: the same words in the job and in the launcher's
+    pre-flight check. The DistributedSampler deals num_images / world_size to each process (rounded up and padded,
+    or rounded down: `padded`); the training loaders drop an incomplete last batch unless not `drop_last`."""
+    per_process = -(-num_images // world_size) if padded else num_images // world_size
+    if per_process < (batch_size if drop_last else 1):
+        raise DataError(f"the data has {num_images} {what}, fewer than one batch per process (--batch_size "
+                        f"{batch_size} x {world_size} processes = {batch_size * world_size}); lower --batch_size or "
+                        f"use fewer processes")
+
+
 def recipe(args) -> str:
     return getattr(args, "recipe", None) or "cells"
 

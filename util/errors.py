@@ -30,3 +30,12 @@ class LaunchError(UserError, ValueError):
 class NonFiniteLossError(RuntimeError):
     """A training loss became NaN or infinite: the run stops and writes no checkpoint after it (the last good one
     is kept). Reported as one line with its own exit code (3): it is neither bad input nor a crash."""
+
+
+class JobFailed(Exception):
+    """A launched job ended badly (util.launch, --cluster local in the foreground): the message says which rank and
+    how; the launcher exits with `exit_code`, the job's own."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -28,7 +28,8 @@ def add_distributed_args(parser):
     """Add MAE's distributed flags to an argparse parser and return it."""
     parser.add_argument("--world_size", default=1, type=int, help="number of processes (set by the launcher)")
     # torch.distributed.launch passes --local-rank; torchrun and submitit use the LOCAL_RANK variable instead
-    parser.add_argument("--local_rank", "--local-rank", dest="local_rank", default=-1, type=int)
+    parser.add_argument("--local_rank", "--local-rank", dest="local_rank", default=-1, type=int,
+                        help="set by torch.distributed.launch (torchrun and SLURM use environment variables instead)")
     parser.add_argument("--dist_on_itp", action="store_true", help="take ranks from OpenMPI (OMPI_COMM_WORLD_*)")
     parser.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
     return parser
