@@ -268,7 +268,8 @@ def build_loaders(args, dataset_train, dataset_val, keep_last_batch: bool = Fals
     loader_val = torch.utils.data.DataLoader(dataset_val, sampler=sampler_val, batch_size=args.batch_size,
                                              drop_last=False, num_workers=args.num_workers, pin_memory=pin_memory,
                                              persistent_workers=args.num_workers > 0)
-    check_one_batch_per_process(len(dataset_train), args.batch_size, world_size, drop_last=not keep_last_batch)
+    if not args.eval:  # --eval reads only val (and test)
+        check_one_batch_per_process(len(dataset_train), args.batch_size, world_size, drop_last=not keep_last_batch)
     dropped = 0 if keep_last_batch else per_rank - len(loader_train) * args.batch_size
     print(f"{len(loader_train)} steps per epoch: {per_rank} training images per process in batches of "
           f"{args.batch_size}" + (f", the last {dropped} dropped" if dropped else ""))

@@ -217,14 +217,18 @@ def test_load_checkpoint_errors(tmp_path):
     missing = tmp_path / "nope.pth"
     with pytest.raises(CheckpointError, match=re.escape(f"checkpoint not found: {missing}")):
         ckpt_util.load_checkpoint(missing)
-    corrupt = tmp_path / "corrupt.pth"
-    corrupt.write_bytes(b"this is not a torch file" * 4)
-    with pytest.raises(CheckpointError, match=re.escape(f"could not read checkpoint {corrupt}: ")):
-        ckpt_util.load_checkpoint(corrupt)
+    not_torch = "not a PyTorch checkpoint (or a truncated one): torch.load cannot read it"
+    for name, content in (("corrupt.pth", b"this is not a torch file" * 4), ("notes.txt", b"hello\n"),
+                          ("random.bin", bytes(range(256)) * 2)):  # the unpickler raises KeyError, ...: one message
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(CheckpointError) as error:
+            ckpt_util.load_checkpoint(path)
+        assert str(error.value) == f"could not read checkpoint {path}: {not_torch}"
     truncated = tmp_path / "truncated.pth"
     torch.save({"model": {"w": torch.ones(100)}}, truncated)
     truncated.write_bytes(truncated.read_bytes()[:200])  # e.g. a copy cut short
-    with pytest.raises(CheckpointError, match=re.escape(f"could not read checkpoint {truncated}: ")):
+    with pytest.raises(CheckpointError, match=re.escape(f"could not read checkpoint {truncated}: {not_torch}")):
         ckpt_util.load_checkpoint(truncated)
     weights_only = tmp_path / "weights.pth"
     torch.save({"state_dict": {"w": torch.ones(1)}}, weights_only)

@@ -139,7 +139,10 @@ def check_save_schedule(args) -> None:
 # Reading
 # ----------------------------------------------------------------------------------------------------------------
 def _short_reason(exc: Exception) -> str:
-    """One line from torch.load's error: its weights_only messages are paragraphs with the cause near the end."""
+    """One line from torch.load's error. A file written by torch.save that holds other objects than tensors and
+    plain values is told apart; anything else the unpickler raised (KeyError: 101 for a text file, 'Unsupported
+    operand' for random bytes, EOF for a truncated file, ...) means the file is not a (complete) PyTorch
+    checkpoint."""
     text = str(exc)
     marker = "WeightsUnpickler error:"
     if marker in text:
@@ -147,9 +150,7 @@ def _short_reason(exc: Exception) -> str:
         reason = " ".join(text.split(" Please use ", 1)[0].split())
         if "Unsupported global" in reason:
             return f"it holds objects other than tensors and plain python values ({reason})"
-        return f"not a valid torch file, or corrupt ({reason})"
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+    return "not a PyTorch checkpoint (or a truncated one): torch.load cannot read it"
 
 
 def torch_load(path, map_location="cpu", mmap=False):
