@@ -62,8 +62,8 @@ def test_unknown_arch_is_one_line_in_every_training_script(capsys):
     with pytest.raises(SystemExit) as exit_info:
         full_parser("main_finetune").parse_args(["--epochs", "many"])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.splitlines() == [
-        "error: argument --epochs: invalid int value: 'many' (see main_finetune --help)"]
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: argument --epochs: invalid int value: 'many' (see ") and line.endswith(" --help)")
 
 
 def test_output_folders_that_cannot_be_written_are_one_line(tmp_path, capsys):
