@@ -31,7 +31,6 @@ ones resume from their checkpoint.pth. Runs go one after another as subprocesses
 util/launch.py: SLURM or local, launcher flags after `--`).
 --dataset synthetic first writes --synthetic_size synthetic cells as float32 TIFFs to <output_dir>/synthetic/.
 """
-import argparse
 import csv
 import json
 import re
@@ -43,6 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
+from util.cli import CommandLineParser, run_tool
+from util.output import prepare_output_dir
 from util.errors import UserError
 
 REPO = Path(__file__).resolve().parent
@@ -75,9 +76,9 @@ class CrossvalError(UserError, ValueError):
 # Flags
 # --------------------------------------------------------------------------------------------------
 def get_args_parser():
-    parser = argparse.ArgumentParser(
-        "DAMA cross-validation", usage="crossval.py [options] -- [flags of main_finetune.py / main_linprobe.py]",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = CommandLineParser(
+        "crossval.py", usage="crossval.py [options] -- [flags of main_finetune.py / main_linprobe.py]",
+        description="DAMA cross-validation")
     parser.add_argument("--data_path", default=None, help="labelled ImageFolder: <data_path>/{train,val}/<class>/ "
                                                           "or <data_path>/<class>/")
     parser.add_argument("--dataset", default="folder", choices=("folder", "synthetic"))
@@ -632,31 +633,32 @@ def save_table(table, output_dir: Path):
 
 
 def main(argv=None) -> int:
+    """Exit code and error line as every script (util/cli.py): 2 with one line for a bad flag, file or run."""
     own_argv, train_args = split_argv(sys.argv[1:] if argv is None else list(argv))
     args = get_args_parser().parse_args(own_argv)
-    try:
-        if args.folds < 2:
-            raise CrossvalError(f"--folds must be at least 2, got {args.folds}")
-        if not 0 < args.val_fraction <= 0.5:
-            raise CrossvalError(f"--val_fraction must be in (0, 0.5], got {args.val_fraction}")
-        check_passthrough(train_args)
-        rows = parse_checkpoints(args.checkpoints)
-        if args.random_init:
-            if not Path(args.random_init).is_file():
-                raise CrossvalError(f"--random_init {args.random_init}: checkpoint file does not exist")
-            args.random_init = str(Path(args.random_init).resolve())
-        output_dir = Path(args.output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        folds = load_or_make_folds(args)
-        run_dirs = run_all(args, rows, folds, train_args)
-        table = collect_table(args, rows, run_dirs)
-    except (UserError, ValueError) as exc:  # CrossvalError, DataError/ConfigError from the data or the init
-        sys.stderr.write(f"error: {' '.join(str(exc).split())}\n")
-        return 2
+    return run_tool(lambda parsed: crossval(parsed, train_args), args)
+
+
+def crossval(args, train_args) -> dict:
+    """The folds, the runs not done yet, and the table (written as table.md / table.json, returned)."""
+    if args.folds < 2:
+        raise CrossvalError(f"--folds must be at least 2, got {args.folds}")
+    if not 0 < args.val_fraction <= 0.5:
+        raise CrossvalError(f"--val_fraction must be in (0, 0.5], got {args.val_fraction}")
+    check_passthrough(train_args)
+    rows = parse_checkpoints(args.checkpoints)
+    if args.random_init:
+        if not Path(args.random_init).is_file():
+            raise CrossvalError(f"--random_init {args.random_init}: checkpoint file does not exist")
+        args.random_init = str(Path(args.random_init).resolve())
+    output_dir = prepare_output_dir(args.output_dir)
+    folds = load_or_make_folds(args)
+    run_dirs = run_all(args, rows, folds, train_args)
+    table = collect_table(args, rows, run_dirs)
     save_table(table, output_dir)
     print(markdown_table(table))
     print(f"Saved {output_dir / 'table.md'} and {output_dir / 'table.json'}")
-    return 0
+    return table
 
 
 if __name__ == "__main__":
