@@ -30,7 +30,8 @@ from util.checkpoint import (add_resume_args, check_save_schedule, describing_ch
                               run_is_finished, save_model, saved_args)
 from util.cli import add_bool_flag, make_parser, run_tool
 from util.convert import load_pretrained_encoder
-from util.datasets import build_finetune_dataset, build_finetune_test_dataset, check_one_batch_per_process
+from util.datasets import (add_loader_args, build_finetune_dataset, build_finetune_test_dataset,
+                           check_one_batch_per_process)
 from util.errors import ConfigError, DataError
 from util.imagenet import add_finetune_augment_args, add_recipe_arg, recipe_in_chans, resolve_recipe
 from util.lr_sched import resolve_lr
@@ -130,12 +131,7 @@ def add_data_args(parser):
                         help="training images of --dataset synthetic")
     parser.add_argument("--val_crop", default=48, type=int, help="centre crop of validation images before resize")
     add_recipe_arg(parser)
-    add_bool_flag(parser, "skip_bad_files", False,
-                  help="leave out the files the header check before training finds bad (unreadable, wrong "
-                       "channel count, too small) and record how many in log.txt, instead of stopping")
-    parser.add_argument("--num_workers", default=misc.default_num_workers(), type=int,
-                        help="DataLoader worker processes per GPU (default: up to 10, at most the CPUs available)")
-    add_bool_flag(parser, "pin_mem", True, help="pin CPU memory in the data loaders (default on)")
+    add_loader_args(parser, "the data loaders")
     add_normalize_args(parser, what="the training files, unless the checkpoint carries a recipe (then that one)")
     add_channel_name_args(parser)
 
@@ -148,12 +144,7 @@ def get_args_parser():
     add_augmentation_args(parser)
     add_checkpoint_args(parser)
     add_data_args(parser)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="where to train: cuda (default when a GPU is present) or cpu; under torchrun/SLURM "
-                             "each process takes cuda:<local rank>")
-    parser.add_argument("--seed", default=0, type=int,
-                        help="seed of the init, the data order, the augmentations and the masks (each process "
-                             "adds its rank)")
+    misc.add_device_and_seed_args(parser)
     misc.add_distributed_args(parser)
     return parser
 

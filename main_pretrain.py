@@ -20,7 +20,7 @@ from util.checkpoint import (add_resume_args, check_save_schedule, describing_ch
                               run_is_finished, save_model, saved_args)
 from util.channels import add_channel_name_args, data_channel_names
 from util.cli import add_bool_flag, make_parser, run_tool
-from util.datasets import build_pretrain_dataset, check_one_batch_per_process
+from util.datasets import add_loader_args, build_pretrain_dataset, check_one_batch_per_process
 from util.errors import ConfigError
 from util.gpu_augment import build_gpu_augment, build_gpu_pretrain_dataset
 from util.imagenet import (DeviceDecode, add_recipe_arg, build_encoded_pretrain_dataset, recipe_in_chans,
@@ -105,12 +105,7 @@ def get_args_parser():
     parser.add_argument("--decode", default="cpu", choices=["cpu", "gpu"],
                         help="--recipe imagenet: 'gpu' decodes the JPEG files of each batch on --device "
                              "(workers only read bytes), then crops, flips and normalises there (default: %(default)s)")
-    add_bool_flag(parser, "skip_bad_files", False,
-                  help="leave out the files the header check before training finds bad (unreadable, wrong "
-                       "channel count, too small) and record how many in log.txt, instead of stopping")
-    parser.add_argument("--num_workers", default=misc.default_num_workers(), type=int,
-                        help="DataLoader worker processes per GPU (default: up to 10, at most the CPUs available)")
-    add_bool_flag(parser, "pin_mem", True, help="pin CPU memory in the data loader (default on)")
+    add_loader_args(parser)
     add_bool_flag(parser, "gpu_augment", False,
                        help="workers only decode and crop; resize, rotation, shift and flips run on the device "
                             "per batch (for fast GPUs, where the CPU augmentation cannot keep up)")
@@ -120,12 +115,7 @@ def get_args_parser():
     # Run
     parser.add_argument("--output_dir", default="./output_dir", help="checkpoints and log.txt")
     parser.add_argument("--log_dir", default=None, help="TensorBoard folder (default: --output_dir)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="where to train: cuda (default when a GPU is present) or cpu; under torchrun/SLURM "
-                             "each process takes cuda:<local rank>")
-    parser.add_argument("--seed", default=0, type=int,
-                        help="seed of the init, the data order, the augmentations and the masks (each process "
-                             "adds its rank)")
+    misc.add_device_and_seed_args(parser)
     parser.add_argument("--resume", default="", help="checkpoint to resume from (default: <output_dir>/checkpoint.pth "
                                                      "when it exists and its run matches the command)")
     parser.add_argument("--start_epoch", default=0, type=int,

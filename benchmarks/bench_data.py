@@ -129,16 +129,17 @@ def time_single_process(dataset, min_seconds: float) -> float:
         torch.set_num_threads(threads)
 
 
-def time_loader(dataset, num_workers: int, batch_size: int, passes: int) -> float:
-    """img/s through a DataLoader, counted from the first batch (worker start-up left out) to the last."""
+def time_loader(dataset, num_workers: int, batch_size: int, passes: int, collate_fn=None) -> float:
+    """img/s through a DataLoader, counted from the first batch (worker start-up left out) to the last.
+    collate_fn: a dataset's own batching (--decode gpu's batches are bytes, not tensors)."""
     loader = DataLoader(Repeated(dataset, passes), batch_size=batch_size, num_workers=num_workers, shuffle=True,
-                        drop_last=True)
+                        drop_last=True, collate_fn=collate_fn)
     count, begin = 0, None
-    for images, _ in loader:
+    for _, labels in loader:
         if begin is None:
             begin = time.perf_counter()
             continue
-        count += images.shape[0]
+        count += len(labels)
     if begin is None or count == 0:
         raise ValueError(f"--num_files x passes gives fewer than two batches of --batch_size {batch_size}; "
                          "use more files or a smaller batch")
@@ -503,7 +504,7 @@ def bench_imagenet(args, tmp: Path) -> list:
             rows.append(imagenet_row(pipeline, "jpeg", img_size, file_size, 0, rate))
             if args.num_workers > 0:
                 collate = getattr(dataset, "collate_fn", None)
-                rate = time_imagenet_loader(dataset, args.num_workers, args.batch_size, args.passes, collate)
+                rate = time_loader(dataset, args.num_workers, args.batch_size, args.passes, collate)
                 rows.append(imagenet_row(pipeline, "jpeg", img_size, file_size, args.num_workers, rate))
             if pipeline == "imagenet_decode_gpu":
                 device = torch.device(args.device)
@@ -525,22 +526,6 @@ def imagenet_table(rows) -> str:
                      f"| {fmt(r['workers_for_target'], ',')} |")
     lines.append("\nTarget (issue 20): 4,000 img/s, ViT-B/16 at 224 px on one GPU.")
     return "\n".join(lines)
-
-
-def time_imagenet_loader(dataset, num_workers: int, batch_size: int, passes: int, collate_fn) -> float:
-    """time_loader for datasets with their own collate_fn (--decode gpu's batches are not tensors)."""
-    loader = DataLoader(Repeated(dataset, passes), batch_size=batch_size, num_workers=num_workers, shuffle=True,
-                        drop_last=True, collate_fn=collate_fn)
-    count, begin = 0, None
-    for _, labels in loader:
-        if begin is None:
-            begin = time.perf_counter()
-            continue
-        count += labels.shape[0]
-    if begin is None or count == 0:
-        raise ValueError(f"--num_files x passes gives fewer than two batches of --batch_size {batch_size}; "
-                         "use more files or a smaller batch")
-    return count / (time.perf_counter() - begin)
 
 
 def get_args_parser():

@@ -55,6 +55,23 @@ def write_image_file(path, array_chw: np.ndarray, layout: str = "channel_last") 
     return path
 
 
+def torchvision_steps_after_crop(crop, img_size, angle, shift, flip):
+    """The float pipeline this project used before util.transforms (torchvision v2: Resize -> RandomRotation ->
+    RandomAffine -> flips) with fixed parameters, on a float32 crop [C, s, s]: what the CPU and the --gpu_augment
+    paths are compared with."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+    x = TF.resize(crop, [img_size, img_size], interpolation=InterpolationMode.BICUBIC, antialias=True)
+    x = TF.rotate(x, angle, interpolation=InterpolationMode.BILINEAR, fill=0)
+    x = TF.affine(x, angle=0.0, translate=[int(v) for v in shift], scale=1.0, shear=[0.0, 0.0],
+                  interpolation=InterpolationMode.NEAREST, fill=0)
+    if flip[0]:
+        x = TF.horizontal_flip(x)
+    if flip[1]:
+        x = TF.vertical_flip(x)
+    return x
+
+
 @pytest.fixture
 def write_image():
     """The function write_image_file(path, array_chw, layout='channel_last') -> Path."""

@@ -4,8 +4,6 @@ from argparse import Namespace
 import numpy as np
 import pytest
 import torch
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
 
 import models_dama
 from engine_pretrain import train_one_epoch
@@ -17,17 +15,7 @@ from util.transforms import build_pretrain_transform
 from util.misc import LossScaler
 
 
-def torchvision_sequence(crop, img_size, angle, shift, flip):
-    """The torchvision v2 steps after the crop (the float pipeline util.transforms replaces), fixed parameters."""
-    x = TF.resize(crop, [img_size, img_size], interpolation=InterpolationMode.BICUBIC, antialias=True)
-    x = TF.rotate(x, angle, interpolation=InterpolationMode.BILINEAR, fill=0)
-    x = TF.affine(x, angle=0.0, translate=list(shift), scale=1.0, shear=[0.0, 0.0],
-                  interpolation=InterpolationMode.NEAREST, fill=0)
-    if flip[0]:
-        x = TF.horizontal_flip(x)
-    if flip[1]:
-        x = TF.vertical_flip(x)
-    return x
+from conftest import torchvision_steps_after_crop as torchvision_sequence  # noqa: E402  (tests/ is on the path)
 
 
 @pytest.mark.parametrize("angle,shift,flip", [

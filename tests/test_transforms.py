@@ -3,12 +3,12 @@ float32 inputs; the reference's parameter distributions; --crop_scale, --rotatio
 the folder datasets handing the transform the stored integer image."""
 from argparse import Namespace
 
-import numpy as np
 import pytest
 import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from conftest import torchvision_steps_after_crop
 from util.datasets import build_finetune_dataset, build_pretrain_dataset
 from util.errors import ConfigError
 from util.io import read_image, read_tensor_chw
@@ -19,18 +19,8 @@ MAX = {torch.uint8: 255, torch.uint16: 65535}
 
 
 def torchvision_float_pipeline(image, top, left, side, img_size, angle, shift, flip):
-    """The float pipeline this project used before (v2 RandomCrop -> Resize -> RandomRotation -> RandomAffine ->
-    flips), with fixed parameters, on a float32 image."""
-    x = image[:, top:top + side, left:left + side]
-    x = TF.resize(x, [img_size, img_size], interpolation=InterpolationMode.BICUBIC, antialias=True)
-    x = TF.rotate(x, angle, interpolation=InterpolationMode.BILINEAR, fill=0)
-    x = TF.affine(x, angle=0.0, translate=[int(v) for v in shift], scale=1.0, shear=[0.0, 0.0],
-                  interpolation=InterpolationMode.NEAREST, fill=0)
-    if flip[0]:
-        x = TF.horizontal_flip(x)
-    if flip[1]:
-        x = TF.vertical_flip(x)
-    return x
+    """The float pipeline this project used before (v2 RandomCrop, then the rest), fixed parameters, float32 image."""
+    return torchvision_steps_after_crop(image[:, top:top + side, left:left + side], img_size, angle, shift, flip)
 
 
 def random_image(dtype, channels=7, height=45, width=40, seed=0):

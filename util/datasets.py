@@ -183,6 +183,19 @@ def checked_folder_dataset(files: FileList, classes, args, transform: TensorTran
     return dataset
 
 
+def add_loader_args(parser, what: str = "the data loader") -> None:
+    """The data flags both training scripts share: how bad files are handled, and the loader's workers."""
+    from util.cli import add_bool_flag  # here: util.cli stays importable without torch
+    from util.misc import default_num_workers
+
+    add_bool_flag(parser, "skip_bad_files", False,
+                  help="leave out the files the header check before training finds bad (unreadable, wrong "
+                       "channel count, too small) and record how many in log.txt, instead of stopping")
+    parser.add_argument("--num_workers", default=default_num_workers(), type=int,
+                        help="DataLoader worker processes per GPU (default: up to 10, at most the CPUs available)")
+    add_bool_flag(parser, "pin_mem", True, help=f"pin CPU memory in {what} (default on)")
+
+
 def check_one_batch_per_process(num_images: int, batch_size: int, world_size: int, what: str = "training images",
                                 padded: bool = True, drop_last: bool = True) -> None:
     """DataError unless every process gets at least one batch: the same words in the job and in the launcher's

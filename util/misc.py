@@ -24,6 +24,17 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 # ----------------------------------------------------------------------------------------------------------------
 # Distributed setup
 # ----------------------------------------------------------------------------------------------------------------
+def add_device_and_seed_args(parser):
+    """--device and --seed, as both training scripts take them."""
+    parser.add_argument("--device", default=_default_device(),
+                        help="where to train: cuda (default when a GPU is present) or cpu; under torchrun/SLURM "
+                             "each process takes cuda:<local rank>")
+    parser.add_argument("--seed", default=0, type=int,
+                        help="seed of the init, the data order, the augmentations and the masks (each process "
+                             "adds its rank)")
+    return parser
+
+
 def add_distributed_args(parser):
     """Add MAE's distributed flags to an argparse parser and return it."""
     parser.add_argument("--world_size", default=1, type=int, help="number of processes (set by the launcher)")
