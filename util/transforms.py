@@ -18,6 +18,7 @@ fill 0) -> flips on the float image (tests/test_transforms.py compares them), bu
   parameter distributions (`sample_warp`).
 """
 import functools
+from abc import ABC, abstractmethod
 
 import torch
 import torch.nn.functional as F
@@ -193,7 +194,7 @@ def sample_warp(n: int, img_size: int, rotation: float, max_shift: float, device
 # --------------------------------------------------------------------------------------------------
 # The transforms the datasets call
 # --------------------------------------------------------------------------------------------------
-class TensorTransform:
+class TensorTransform(ABC):
     """A transform of one [C, H, W] uint8 / uint16 / float32 tensor to float32 [C, S, S], with `min_side`,
     the smallest input side it accepts.
 
@@ -202,8 +203,9 @@ class TensorTransform:
 
     min_side = 1
 
+    @abstractmethod
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """[C, H, W] image -> float32 [C, S, S]."""
 
 
 class RandomCropWindow:
