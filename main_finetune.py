@@ -31,6 +31,7 @@ from util.cli import add_bool_flag, run_tool
 from util.convert import load_pretrained_encoder
 from util.datasets import build_finetune_dataset
 from util.errors import ConfigError, DataError
+from util.features import add_classifier_pool_flag
 from util.imagenet import DEFAULT_IN_CHANS, add_finetune_augment_args, add_recipe_arg, resolve_recipe
 from util.lr_sched import resolve_lr
 from util.normalize import add_normalize_args, check_percentiles, describe, is_percentile
@@ -56,6 +57,7 @@ def add_model_args(parser):
                                                     "on); --no_global_pool: from the final-normed cls token")
     parser.add_argument("--cls_token", action="store_false", dest="global_pool",
                         help="the same as --no_global_pool (MAE's spelling)")
+    add_classifier_pool_flag(parser)  # --pool mean|cls, as in every other script
 
 
 def add_optimizer_args(parser):
