@@ -1,69 +1,77 @@
 """Embed every image of a folder (or the synthetic set) with a DAMA encoder and save the features to one .npz.
 
-    python extract_features.py --checkpoint output_dir/checkpoint.pth --data_path /data/cells/val --out val.npz
-    python extract_features.py --checkpoint finetune_dir/checkpoint-best.pth --dataset synthetic --pool mean
+    python extract_features.py --checkpoint output_dir/checkpoint.pth --data_path /data/cells/val
+    python extract_features.py --checkpoint finetune_dir/checkpoint-best.pth --dataset synthetic --out feats.npz
 
 --checkpoint: a pretraining checkpoint (student 1 or 2 with --student), an encoder exported by
-convert_checkpoint.py, or a fine-tuned checkpoint (its classifier is dropped). Images get the deterministic
-validation transform (centre crop --val_crop, resize to --img_size) and go through the encoder with every patch
-visible. --pool cls: the class token after the final norm; --pool mean: the mean of the patch tokens after the
-final norm. A model fine-tuned with global pooling has no final norm: mean gives fc_norm of the mean (its
-pre-logits), cls the raw class token.
+convert_checkpoint.py, or a fine-tuned checkpoint (its classifier is dropped). Arch, patch size, channels, image size
+and pooling come from the checkpoint (a flag that disagrees is an error; --img_size may differ: the position
+embedding is resampled). Images get the deterministic validation view (centre crop --val_crop, default the
+fine-tuning run's or 48, resized to the image size) and go through the encoder with every patch visible.
+--pool mean (the default, as fine-tuning, the linear probe and the kNN monitor): the mean of the patch tokens after
+the final norm (for a model fine-tuned with global pooling: fc_norm of the mean, its pre-logits); --pool cls: the
+class token after the final norm. A fine-tuned classifier keeps the pooling it was trained with.
 
 A prepared dataset (prepare_cells.py) gives every cell of both splits, with labels from its cells.csv (-1 where
 none) and paths '<slide>:<cell_id>'. The checkpoint's normalisation recipe is applied to raw folder data, and its
 channel names are compared with the data's (--channel_names, --ignore_channel_names).
 
-Output .npz: features float32 [N, D], labels int64 [N] (class index of the image's sub-folder, -1 for images
-directly in --data_path; the synthetic cell type), paths [N] str (file path, or 'synthetic:<index>'),
-classes [K] str, and pool, student, checkpoint. Load with np.load(path) (no pickle needed).
+Output: --out, by default next to the checkpoint (<checkpoint stem>-features-<data>.npz); an existing file is
+replaced only with --overwrite. It holds features float32 [N, D], labels int64 [N] (class index of the image's
+sub-folder, -1 for images directly in --data_path; the synthetic cell type), paths [N] str (file path, or
+'synthetic:<index>'), classes [K] str, and pool, student, checkpoint. Load with np.load(path) (no pickle needed).
 """
 import argparse
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-import models_dama
-import models_vit
 from util.channels import add_channel_name_args, check_data_channels
 from util.cli import run_tool
-from util.convert import check_shapes, encoder_metadata, fit_pos_embed, read_encoder
 from util.datasets import (ImageFileDataset, checked, class_folders, data_root, dataset_kind, image_folder_samples,
                            list_images, no_images_error, synthetic_size)
-from util.errors import CheckpointError, ConfigError
-from util.features import POOLINGS, extract_features
-from util.packed import describe_folder_dataset, open_packed_dataset, prepared_layout
+from util.errors import ConfigError
+from util.features import extract_features
 from util.features import pool_tokens as pool_encoder_tokens
+from util.inference import (add_model_flags, build_model, build_view, describe_checkpoint, describe_in_words,
+                            embed_and_classify, resolve_model_flags, view_crop)
+from util.packed import describe_folder_dataset, open_packed_dataset, prepared_layout
 from util.synthetic import SyntheticCells
-from util.transforms import DEFAULT_VAL_CROP, build_finetune_transform
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("DAMA feature extraction", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="pretraining, exported or fine-tuned checkpoint")
-    parser.add_argument("--out", default="features.npz", help=".npz file to write")
+    parser.add_argument("--out", default=None,
+                        help=".npz file to write (default: <checkpoint stem>-features-<data>.npz next to the "
+                             "checkpoint)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file (default: refuse)")
     parser.add_argument("--student", type=int, choices=(1, 2), default=1,
-                        help="which student of a pretraining checkpoint (ignored for other checkpoints)")
-    parser.add_argument("--pool", default="cls", choices=POOLINGS, help="image embedding: cls token or "
-                                                                        "mean of the patch tokens")
+                        help="which student of a pretraining checkpoint (ignored for other checkpoints; default: 1)")
+    add_model_flags(parser, img_size_help="encoder input size (default: the checkpoint's; another size resamples "
+                                          "the position embedding)")
     parser.add_argument("--dataset", default=None, choices=("folder", "synthetic"),
                         help="default: folder when --data_path is given, else synthetic")
     parser.add_argument("--data_path", default=None,
                         help="folder of images: class sub-folders (<class>/**/<image>) and/or images directly in it")
-    parser.add_argument("--img_size", default=None, type=int,
-                        help="encoder input size (default: the checkpoint's; another size resamples pos_embed)")
-    parser.add_argument("--val_crop", default=DEFAULT_VAL_CROP, type=int,
-                        help="centre crop in pixels before the resize (synthetic: at most the image size)")
-    parser.add_argument("--synthetic_size", default=None, type=int, help="number of synthetic images (1000)")
-    parser.add_argument("--split", default="val", help="synthetic split name (a different image stream per name)")
-    parser.add_argument("--seed", default=0, type=int, help="synthetic seed")
-    parser.add_argument("--batch_size", default=64, type=int)
-    parser.add_argument("--num_workers", default=4, type=int)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--print_freq", default=20, type=int, help="progress line every N batches")
+    parser.add_argument("--val_crop", default=None, type=int,
+                        help="centre crop in pixels before the resize (default: the fine-tuning run's, else 48; "
+                             "synthetic: at most the image size)")
+    parser.add_argument("--synthetic_size", default=None, type=int, help="number of synthetic images (default: 1000)")
+    parser.add_argument("--split", default="val",
+                        help="synthetic split name (a different image stream per name; default: %(default)s)")
+    parser.add_argument("--seed", default=0, type=int, help="synthetic seed (default: %(default)s)")
+    parser.add_argument("--batch_size", default=64, type=int, help="images per batch (default: %(default)s)")
+    parser.add_argument("--num_workers", default=4, type=int, help="DataLoader workers (default: %(default)s)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cuda or cpu (default: %(default)s)")
+    parser.add_argument("--print_freq", default=20, type=int,
+                        help="progress line every N batches (default: %(default)s)")
     add_channel_name_args(parser)
     return parser
 
@@ -71,32 +79,23 @@ def get_args_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------------------
 # Encoder
 # --------------------------------------------------------------------------------------------------
-def load_encoder(path: str, student: int = 1, img_size: int = None):
-    """(timm VisionTransformer without classifier, geometry dict) for any checkpoint kind, in eval mode.
+def load_encoder(path: str, student: int = 1, img_size: int = None, pool: str = None):
+    """(timm VisionTransformer without classifier in eval mode, geometry dict) for any checkpoint kind.
 
-    geometry: util.convert.encoder_metadata (arch, img_size, patch_size, in_chans, embed_dim, depth, ...), with
-    img_size replaced when given. A fine-tuned global-pool model keeps its fc_norm (and has no final norm); the
-    others keep the final norm.
+    geometry: util.inference.describe_checkpoint's description (arch, img_size, patch_size, in_chans, embed_dim,
+    depth, pool, val_crop, channel names, recipe, ...), with img_size replaced when given. A fine-tuned global-pool
+    model keeps its fc_norm (and has no final norm); the others keep the final norm and pool as `pool` says.
     """
-    encoder, checkpoint, from_students = read_encoder(path, student)
-    if student == 2 and not from_students:
-        print(f"note: {path} is not a pretraining checkpoint; --student 2 has no effect")
-    geometry = encoder_metadata(encoder, checkpoint, student, path)
-    arch = geometry["arch"]
-    if not arch:
-        raise CheckpointError(f"checkpoint {path}: width {geometry['embed_dim']} and depth {geometry['depth']} "
-                              f"match none of {sorted(models_dama.ARCH_CONFIGS)}")
-    geometry["img_size"] = img_size or geometry["img_size"]
-    model = models_vit.build_vit(arch, img_size=geometry["img_size"], patch_size=geometry["patch_size"],
-                                 in_chans=geometry["in_chans"], num_classes=0, drop_path_rate=0.0,
-                                 global_pool="fc_norm.weight" in encoder)
-    check_shapes(encoder, model, path, arch)
-    fit_pos_embed(encoder, model)
-    missing, unexpected = model.load_state_dict(encoder, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"checkpoint {path} does not fit a {arch} encoder: missing {sorted(missing)[:5]}, "
-                              f"unexpected {sorted(unexpected)[:5]}")
-    return model.eval(), geometry
+    description, weights = describe_checkpoint(path, student)
+    return headless_model(description, weights, img_size, pool)
+
+
+def headless_model(description: dict, weights: dict, img_size: int = None, pool: str = None):
+    """load_encoder's (model, geometry) from a checkpoint already described."""
+    if description["student"] == 2 and not description["from_students"]:
+        print(f"note: {description['path']} is not a pretraining checkpoint; --student 2 has no effect")
+    model = build_model(description, weights, img_size=img_size, pool=pool, with_head=False)
+    return model, dict(description, img_size=img_size or description["img_size"])
 
 
 def pool_tokens(model, tokens: torch.Tensor, pool: str) -> torch.Tensor:
@@ -107,9 +106,9 @@ def pool_tokens(model, tokens: torch.Tensor, pool: str) -> torch.Tensor:
     return pool_encoder_tokens(tokens, pool, model.num_prefix_tokens, model.fc_norm)
 
 
-def vit_encoder(model, pool: str):
-    """imgs [N, C, H, W] -> [N, D]: util.features' encoder function for the timm model of `load_encoder`."""
-    return lambda imgs: pool_tokens(model, model.forward_features(imgs), pool)  # tokens [N, 1+L, D]
+def vit_encoder(model):
+    """imgs [N, C, H, W] -> [N, D]: util.features' encoder function for the model of `load_encoder` (its pooling)."""
+    return lambda imgs: embed_and_classify(model, imgs)[0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -127,14 +126,15 @@ def folder_samples(root: Path):
 def feature_dataset(args, geometry: dict):
     """(dataset yielding (image [C, S, S], label), paths [N], classes) with the deterministic validation view."""
     img_size, in_chans = geometry["img_size"], geometry["in_chans"]
+    crop = view_crop(args, geometry)
     if dataset_kind(args) == "synthetic":
-        crop = min(args.val_crop, img_size)  # synthetic images are only img_size wide
-        transform = build_finetune_transform(False, img_size, crop)
+        crop = min(crop, img_size)  # synthetic images are only img_size wide
+        transform = build_view(img_size, crop, geometry["mean"], geometry["std"])
         dataset = SyntheticCells(synthetic_size(args), img_size, in_chans, seed=args.seed, split=args.split,
                                  transform=transform)
         return dataset, [f"synthetic:{i}" for i in range(len(dataset))], dataset.classes
     root = data_root(args)
-    transform = build_finetune_transform(False, img_size, args.val_crop)
+    transform = build_view(img_size, crop, geometry["mean"], geometry["std"])
     args.normalization, args.in_chans = geometry.get("normalization"), in_chans  # the checkpoint's recipe
     if prepared_layout(root) == "packed":  # every cell, both splits; paths are '<slide>:<cell_id>'
         dataset = open_packed_dataset(root, args, transform, split=None)
@@ -150,24 +150,55 @@ def feature_dataset(args, geometry: dict):
 # --------------------------------------------------------------------------------------------------
 # Extraction
 # --------------------------------------------------------------------------------------------------
+def default_out(args) -> Path:
+    """<checkpoint folder>/<checkpoint stem>-features-<data>.npz, data = the data folder's name or synthetic-<split>."""
+    checkpoint = Path(args.checkpoint)
+    data = f"synthetic-{args.split}" if dataset_kind(args) == "synthetic" else \
+        Path(args.data_path).expanduser().resolve().name
+    return checkpoint.parent / f"{checkpoint.stem}-features-{data}.npz"
+
+
+def output_path(args) -> Path:
+    """--out (with .npz appended, as np.savez does) or default_out; an existing file needs --overwrite."""
+    out = Path(args.out) if args.out else default_out(args)
+    out = out if out.suffix == ".npz" else out.with_name(out.name + ".npz")
+    if out.exists() and not args.overwrite:
+        raise ConfigError(f"{out} exists; pass --overwrite to replace it, or --out another file")
+    return out
+
+
+def save_npz(out: Path, **arrays) -> None:
+    """np.savez into a temporary file beside `out`, then renamed over it: never a half-written file."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def main(args) -> Path:
     if args.batch_size < 1 or args.print_freq < 1:
         raise ConfigError(f"--batch_size and --print_freq must be at least 1, got {args.batch_size}, {args.print_freq}")
     device = torch.device(args.device)
-    model, geometry = load_encoder(args.checkpoint, args.student, args.img_size)
+    description, weights = describe_checkpoint(args.checkpoint, args.student)
+    resolve_model_flags(args, description, loose=("img_size",))
+    out = output_path(args)
+    model, geometry = headless_model(description, weights, args.img_size, args.pool)
     model.to(device)
     dataset, paths, classes = feature_dataset(args, geometry)
     check_data_channels(geometry.get("channel_names"), dataset, args, f"checkpoint {args.checkpoint}")
-    print(f"Embedding {len(dataset)} images with the {geometry['arch']} encoder of {args.checkpoint} "
-          f"(student {args.student}, {args.pool} pooling, {geometry['img_size']} px) on {device}")
+    print(f"Embedding {len(dataset)} images with the {describe_in_words(geometry, args.pool)} of {args.checkpoint} "
+          f"on {device}")
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
                                          num_workers=args.num_workers, pin_memory=device.type == "cuda")
-    features, labels = extract_features(vit_encoder(model, args.pool), loader, device, print_freq=args.print_freq)
+    features, labels = extract_features(vit_encoder(model), loader, device, print_freq=args.print_freq)
     features, labels = features.cpu().numpy(), labels.cpu().numpy()
-    out = Path(args.out)
-    out = out if out.suffix == ".npz" else out.with_name(out.name + ".npz")  # what np.savez writes anyway
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, features=features, labels=labels, paths=np.array(paths, dtype=str),
+    save_npz(out, features=features, labels=labels, paths=np.array(paths, dtype=str),
              classes=np.array(classes, dtype=str), pool=args.pool, student=args.student,
              checkpoint=str(args.checkpoint))
     print(f"Wrote {out}: features {features.shape}, {len(classes)} classes")

@@ -33,6 +33,7 @@ from util.convert import load_pretrained_encoder
 from util.datasets import (add_loader_args, build_finetune_dataset, build_finetune_test_dataset,
                            check_one_batch_per_process)
 from util.errors import ConfigError, DataError
+from util.features import add_classifier_pool_flag
 from util.imagenet import add_finetune_augment_args, add_recipe_arg, recipe_in_chans, resolve_recipe
 from util.lr_sched import resolve_lr
 from util.normalize import add_normalize_args, check_percentiles, describe, is_percentile
@@ -72,6 +73,7 @@ def add_model_args(parser):
                                                     "(default: the checkpoint's, else on)")
     parser.add_argument("--cls_token", action="store_false", dest="global_pool",
                         help="the same as --no_global_pool (MAE's spelling): classify from the final-normed cls token")
+    add_classifier_pool_flag(parser)  # --pool mean|cls, as in every other script
 
 
 def add_optimizer_args(parser):

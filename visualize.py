@@ -4,8 +4,9 @@
     python visualize.py --checkpoint ckpt.pth --dataset folder --data_path /data/cells --num_images 6 --per_channel
 
 Columns: input | mask1 | rec1 | mask2 | rec2 | loss1 (see util/visualize.py). The model, image size and data
-settings come from the checkpoint's saved args; the flags below override them. With the same --seed the
-images and masks are those of the --vis_freq figures written during training.
+settings come from the checkpoint's saved args: --arch, --patch_size and --in_chans may be given but must agree
+with them (one error line names both values otherwise); the data flags and --img_size override them. With the
+same --seed the images and masks are those of the --vis_freq figures written during training.
 """
 import argparse
 import sys
@@ -14,7 +15,8 @@ from pathlib import Path
 import torch
 
 import main_pretrain
-from util.checkpoint import load_checkpoint
+from models_dama import ARCHS
+from util.checkpoint import fill_from_checkpoint, load_checkpoint
 from util.cli import run_tool
 from util.datasets import build_pretrain_dataset
 from util.errors import CheckpointError
@@ -23,6 +25,8 @@ from util.visualize import fixed_batch, parse_channels, reconstruction_figure, s
 
 # Flags whose default is "whatever the checkpoint was trained with"
 DATA_OVERRIDES = ("dataset", "data_path", "img_size", "synthetic_size", "seed")
+# ... and the model flags, which must agree with it when given (the weights only fit that model)
+MODEL_FLAGS = ("arch", "patch_size", "in_chans")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -31,6 +35,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", "--resume", dest="checkpoint", required=True,
                         help="pretraining checkpoint (checkpoint.pth; keeps both decoders)")
     parser.add_argument("--out", default="reconstruction.png", help="PNG to write")
+    parser.add_argument("--arch", default=None, choices=sorted(ARCHS),
+                        help="default: the checkpoint's; another value is an error")
+    parser.add_argument("--patch_size", default=None, type=int,
+                        help="default: the checkpoint's; another value is an error")
+    parser.add_argument("--in_chans", default=None, type=int,
+                        help="default: the checkpoint's; another value is an error")
     parser.add_argument("--dataset", default=None, choices=["folder", "synthetic"],
                         help="default: the checkpoint's")
     parser.add_argument("--data_path", default=None, help="image folder (default: the checkpoint's)")
@@ -59,8 +69,12 @@ def run_args(cli: argparse.Namespace, checkpoint: dict) -> argparse.Namespace:
     saved = checkpoint.get("args") or {}
     if not saved:
         print(f"note: {cli.checkpoint} has no saved args; using main_pretrain.py defaults (--arch {args.arch})")
+    defaults = {key: getattr(args, key) for key in MODEL_FLAGS}
+    fill_from_checkpoint(cli, defaults, saved, f"checkpoint {cli.checkpoint}", strict=True)
     for key, value in saved.items():
         setattr(args, key, value)
+    for key in MODEL_FLAGS:
+        setattr(args, key, getattr(cli, key))
     for key in DATA_OVERRIDES:
         if getattr(cli, key) is not None:
             setattr(args, key, getattr(cli, key))

@@ -244,7 +244,7 @@ def test_extracted_features_equal_the_encoder_forward(pretrain_run, tmp_path):
 
     args = extract_features.get_args_parser().parse_args(  # student 1, cls token, in-process
         ["--checkpoint", str(pretrain_run / "checkpoint.pth"), "--synthetic_size", "6", "--num_workers", "0",
-         "--out", str(tmp_path / "student1_cls.npz")])
+         "--pool", "cls", "--out", str(tmp_path / "student1_cls.npz")])
     cls1, _ = encoder_features(model.student1, imgs)
     np.testing.assert_allclose(np.load(extract_features.main(args))["features"], cls1.numpy(), rtol=1e-4, atol=1e-5)
 

@@ -17,6 +17,7 @@ from models_vit import init_head, uses_fc_norm
 from util.channels import check_channel_names, checkpoint_description
 from util.checkpoint import save_checkpoint, torch_load
 from util.errors import CheckpointError, ConfigError
+from util.features import DEFAULT_POOL
 from util.pos_embed import resample_pos_embed
 
 STUDENT_PREFIXES = {1: ("student1.", "base_encoder."), 2: ("student2.", "momentum_encoder.")}
@@ -221,40 +222,87 @@ def encoder_metadata(encoder: dict, checkpoint: dict, student: int, path: str = 
 
 
 TIMM_VIT_SIZES = {192: "tiny", 384: "small", 768: "base", 1024: "large"}  # embed_dim -> timm's ViT size name
+TIMM_POOLS = {"mean": "avg", "cls": "token"}  # --pool -> timm's global_pool
+
+
+def timm_data_cfg(metadata: dict, num_classes: int = 0) -> dict:
+    """The fields of timm's PretrainedCfg that describe the input: in_chans x img_size x img_size, mean/std (the
+    run's, e.g. ImageNet's with --recipe imagenet; else 0 / 1: the cell recipe trains on raw [0, 1] intensities), no
+    resize before the crop. first_conv is None on purpose: timm before 1.0.31 would otherwise "adapt" the patch
+    embedding of any file whose in_chans is not 3 (and, unable to, replace it with a random one, with a warning
+    only); the weights fit the model as they are. custom_load False: a plain state dict (the architecture's own
+    pretrained config may name a JAX .npz loader, which timm before 1.0.31 would use on this file)."""
+    in_chans, img_size = metadata["in_chans"], metadata["img_size"]
+    mean = list(metadata.get("mean") or [0.0] * in_chans)
+    std = list(metadata.get("std") or [1.0] * in_chans)
+    return dict(input_size=(in_chans, img_size, img_size), fixed_input_size=True, mean=tuple(mean), std=tuple(std),
+                crop_pct=1.0, interpolation="bicubic", num_classes=num_classes, first_conv=None, classifier="head",
+                custom_load=False)
+
+
+def timm_config(metadata: dict, pool: str, fc_norm: bool, num_classes: int = 0, class_names=None,
+                extra: dict = None) -> dict:
+    """timm's model config (the config.json of a Hugging Face / local-dir model folder): architecture, num_classes,
+    model_args (patch size, image size, channels, pooling: what the architecture name does not say), pretrained_cfg
+    (timm_data_cfg), label_names for a classifier; plus, outside timm's keys, the channel names and normalisation
+    recipe of the training data and `extra` under "dama" (where the weights come from).
+
+    pool: 'mean' (global_pool 'avg') or 'cls' ('token'); fc_norm: whether the pooled features go through fc_norm (a
+    model fine-tuned with global pooling) rather than the final norm being applied to every token (an encoder)."""
+    size = TIMM_VIT_SIZES.get(metadata["embed_dim"], "base")
+    global_pool = TIMM_POOLS[pool]
+    model_args = dict(img_size=metadata["img_size"], patch_size=metadata["patch_size"],
+                      in_chans=metadata["in_chans"], num_classes=num_classes, global_pool=global_pool, fc_norm=fc_norm)
+    data_cfg = timm_data_cfg(metadata, num_classes)
+    config = dict(architecture=f"vit_{size}_patch16_224", num_classes=num_classes,
+                  num_features=metadata["embed_dim"], global_pool=global_pool, model_args=model_args,
+                  pretrained_cfg=dict(data_cfg, input_size=list(data_cfg["input_size"]), mean=list(data_cfg["mean"]),
+                                      std=list(data_cfg["std"])))
+    if num_classes:
+        config["label_names"] = list(class_names)
+    config.update(channel_names=metadata.get("channel_names"), normalization=metadata.get("normalization"),
+                  dama=dict(arch=metadata["arch"], pool=pool, **(extra or {})))
+    return config
 
 
 def timm_pretrained_cfg(metadata: dict) -> dict:
-    """Fields of timm's PretrainedCfg for the export, so that
-    `timm.create_model(cfg['architecture'], pretrained=True, pretrained_cfg_overlay=dict(cfg, file=PATH))`
-    builds a headless in_chans-channel, img_size-pixel ViT and loads the file (patch sizes other than 16 also
-    need patch_size=p). mean/std are the run's (metadata 'mean'/'std', e.g. ImageNet's with --recipe imagenet),
-    else 0 / 1: the cell recipe trains on raw [0, 1] intensities without normalisation."""
-    in_chans, img_size = metadata["in_chans"], metadata["img_size"]
+    """Fields of timm's PretrainedCfg for the .pth export (kept for files and scripts that read it; timm_config is
+    the complete description, with the patch size and pooling)."""
     size = TIMM_VIT_SIZES.get(metadata["embed_dim"], "base")
-    mean = tuple(metadata.get("mean") or (0.0,) * in_chans)
-    std = tuple(metadata.get("std") or (1.0,) * in_chans)
-    return dict(architecture=f"vit_{size}_patch16_224", input_size=(in_chans, img_size, img_size),
-                fixed_input_size=True, mean=mean, std=std, crop_pct=1.0,
-                interpolation="bicubic", num_classes=0, first_conv="patch_embed.proj", classifier="head")
+    return dict(architecture=f"vit_{size}_patch16_224", **timm_data_cfg(metadata))
+
+
+def export_channel_names(metadata: dict, channel_names, ckpt_path: str, ignore: bool = False):
+    """The channel names an export records: the checkpoint's; `channel_names` (--channel_names) are checked against
+    them, or name a checkpoint that has none."""
+    if not channel_names:
+        return metadata["channel_names"]
+    if len(channel_names) != metadata["in_chans"]:
+        raise ConfigError(f"--channel_names gives {len(channel_names)} names but the encoder of {ckpt_path} takes "
+                          f"{metadata['in_chans']} channels")
+    check_channel_names(metadata["channel_names"], channel_names, f"checkpoint {ckpt_path}", "--channel_names",
+                        ignore=ignore)
+    return metadata["channel_names"] or list(channel_names)
 
 
 def export_encoder(ckpt_path: str, out_path: str, student: int = 1, channel_names=None,
-                   ignore_channel_names: bool = False) -> dict:
-    """Write {'model': encoder state dict, 'pretrained_cfg': metadata, 'timm_pretrained_cfg': timm fields}
-    atomically; returns the metadata. The metadata keeps the checkpoint's channel names and normalisation recipe;
-    `channel_names` (--channel_names) are checked against the checkpoint's, or name a checkpoint that has none."""
+                   ignore_channel_names: bool = False, pool: str = None) -> dict:
+    """Write {'model': encoder state dict, 'pretrained_cfg': metadata, 'timm_config': timm's model config
+    (timm_config: with the patch size and pooling), 'timm_pretrained_cfg': its PretrainedCfg fields} atomically;
+    returns the metadata. The metadata keeps the checkpoint's channel names and normalisation recipe;
+    `channel_names` (--channel_names) are checked against the checkpoint's, or name a checkpoint that has none.
+    pool: the pooling timm's model(x) applies (default: mean; an encoder fine-tuned with global pooling keeps its
+    fc_norm and mean pooling)."""
     encoder, checkpoint, _ = read_encoder(ckpt_path, student)
     metadata = encoder_metadata(encoder, checkpoint, student, ckpt_path)
-    if channel_names:
-        if len(channel_names) != metadata["in_chans"]:
-            raise ConfigError(f"--channel_names gives {len(channel_names)} names but the encoder of {ckpt_path} takes "
-                              f"{metadata['in_chans']} channels")
-        check_channel_names(metadata["channel_names"], channel_names, f"checkpoint {ckpt_path}", "--channel_names",
-                            ignore=ignore_channel_names)
-        metadata["channel_names"] = metadata["channel_names"] or list(channel_names)
+    fc_norm = "fc_norm.weight" in encoder
+    pool = DEFAULT_POOL if fc_norm else (pool or DEFAULT_POOL)
+    metadata["channel_names"] = export_channel_names(metadata, channel_names, ckpt_path, ignore_channel_names)
     out_dir = os.path.dirname(out_path)
     if out_dir:  # a bare file name means the current directory
         os.makedirs(out_dir, exist_ok=True)
-    save_checkpoint(out_path, {"model": encoder, "pretrained_cfg": metadata,
+    config = timm_config(metadata, pool, fc_norm, extra=dict(student=student, epoch=metadata["epoch"],
+                                                             checkpoint=str(ckpt_path)))
+    save_checkpoint(out_path, {"model": encoder, "pretrained_cfg": metadata, "timm_config": config,
                                "timm_pretrained_cfg": timm_pretrained_cfg(metadata)})
     return metadata

@@ -4,6 +4,7 @@ feature export.
 An "encoder function" maps a batch of images [N, C, H, W] to features [N, D]; `student_encoder` builds one
 from a pretraining student (DAMA's or MAE's `MAEStudent`) that sees every patch, unmasked.
 """
+import argparse
 import time
 
 import torch
@@ -13,6 +14,23 @@ import util.misc as misc
 from util.errors import ConfigError, DataError
 
 POOLINGS = ("mean", "cls")
+# One default everywhere (fine-tuning, the linear probe, the kNN monitor, extract_features.py, predict_cells.py and
+# the export): the mean of the patch tokens; the cls token is the option (--pool cls).
+DEFAULT_POOL = "mean"
+
+
+class _PoolAsGlobalPool(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        namespace.global_pool = values == "mean"
+
+
+def add_classifier_pool_flag(parser):
+    """--pool mean|cls for the classifier scripts (fine-tuning, linear probe): the same switch as --global_pool /
+    --cls_token, spelled as everywhere else."""
+    parser.add_argument("--pool", choices=POOLINGS, dest="global_pool", action=_PoolAsGlobalPool,
+                        default=argparse.SUPPRESS,
+                        help="classify from the mean of the patch tokens (mean, default) or the cls token (cls)")
+    return parser
 
 
 def all_patch_ids(batch_size: int, num_patches: int, device) -> torch.Tensor:
@@ -35,7 +53,7 @@ def pool_tokens(tokens: torch.Tensor, pool: str, num_prefix_tokens: int = 1, nor
     return pooled if norm is None else norm(pooled)
 
 
-def student_encoder(student, pool: str = "mean"):
+def student_encoder(student, pool: str = DEFAULT_POOL):
     """imgs [N, C, H, W] -> [N, D]: the student's final-normed tokens with every patch visible, pooled as
     the mean of the patch tokens ('mean', cls excluded) or the cls token ('cls')."""
     check_pool(pool)
@@ -49,6 +67,34 @@ def student_encoder(student, pool: str = "mean"):
 
 
 @torch.no_grad()
+def run_batches(fn, loader, device, amp_dtype: str = "none", print_freq: int = 0, unit: str = "images") -> list:
+    """fn(images [N, C, H, W]) -> a tensor or a tuple of tensors, over every batch of `loader` (images, labels),
+    under autocast (amp_dtype 'bf16'/'fp16'; floating outputs come back as float32). Returns [outputs..., labels]
+    concatenated over the batches, on `device`, in the loader's order.
+
+    print_freq > 0: a progress line (done / total, `unit`/s, time left) every print_freq batches and after the last.
+    """
+    device = torch.device(device)
+    outputs, labels = [], []
+    start, done, total = time.time(), 0, len(loader.dataset)
+    for step, (images, targets) in enumerate(loader):
+        images = images.to(device, non_blocking=True)
+        with misc.autocast_context(device, amp_dtype):
+            result = fn(images)
+        result = result if isinstance(result, tuple) else (result,)
+        outputs.append([r.float() if r is not None and r.is_floating_point() else r for r in result])
+        labels.append(torch.as_tensor(targets, device=device).long())
+        done += images.shape[0]
+        if print_freq > 0 and (step % print_freq == 0 or done == total):
+            elapsed = max(time.time() - start, 1e-9)
+            left = (total - done) * elapsed / done
+            print(f"[{done}/{total}] {unit}  {done / elapsed:.1f} {unit}/s  {left:.0f} s left", flush=True)
+    if not outputs:
+        raise DataError(f"the data loader yielded no {unit}")
+    columns = [None if parts[0] is None else torch.cat(parts) for parts in zip(*outputs)]
+    return columns + [torch.cat(labels)]
+
+
 def extract_features(encoder_fn, loader, device, amp_dtype: str = "none", print_freq: int = 0):
     """(features [N, D] float32, labels [N] int64), both on `device`, in the loader's order.
 
@@ -56,20 +102,8 @@ def extract_features(encoder_fn, loader, device, amp_dtype: str = "none", print_
     forward, the features are returned in float32. print_freq > 0: a progress line (images done, img/s)
     every print_freq batches and after the last one.
     """
-    device = torch.device(device)
-    features, labels = [], []
-    start, done, total = time.time(), 0, len(loader.dataset) if print_freq > 0 else None
-    for step, (images, targets) in enumerate(loader):
-        images = images.to(device, non_blocking=True)
-        with misc.autocast_context(device, amp_dtype):
-            features.append(encoder_fn(images).float())
-        labels.append(torch.as_tensor(targets, device=device).long())
-        done += images.shape[0]
-        if print_freq > 0 and (step % print_freq == 0 or done == total):
-            print(f"[{done}/{total}] images  {done / max(time.time() - start, 1e-9):.1f} img/s", flush=True)
-    if not features:
-        raise DataError("extract_features: the data loader yielded no images")
-    return torch.cat(features), torch.cat(labels)
+    features, labels = run_batches(encoder_fn, loader, device, amp_dtype, print_freq)
+    return features, labels
 
 
 def gather_from_ranks(tensor: torch.Tensor) -> torch.Tensor:
@@ -88,3 +122,32 @@ def gather_from_ranks(tensor: torch.Tensor) -> torch.Tensor:
     shards = [torch.zeros_like(padded) for _ in range(world_size)]
     dist.all_gather(shards, padded)
     return torch.cat([shard[:n] for shard, n in zip(shards, counts)])
+
+
+def gather_to_main(tensor: torch.Tensor, chunk_rows: int = 8192):
+    """Each rank's [n_r, ...] tensor, concatenated in rank order on the main process (on the CPU); None on the other
+    ranks; the tensor itself when not distributed. Sent in chunks of chunk_rows rows, so the communication buffers
+    stay small whatever the number of rows (a whole slide's embeddings)."""
+    if not misc.is_dist_avail_and_initialized():
+        return tensor
+    world_size, is_main = dist.get_world_size(), misc.is_main_process()
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    count = torch.tensor([tensor.shape[0]], device=device)
+    counts = [torch.zeros_like(count) for _ in range(world_size)]
+    dist.all_gather(counts, count)
+    counts = [int(c.item()) for c in counts]
+    pieces = [[] for _ in range(world_size)]
+    for offset in range(0, max(counts), chunk_rows):
+        rows = min(chunk_rows, max(counts) - offset)
+        chunk = tensor.new_zeros((rows,) + tuple(tensor.shape[1:]), device=device)  # padded: equal shapes
+        mine = tensor[offset:offset + rows]
+        chunk[:mine.shape[0]] = mine.to(device)
+        received = [torch.zeros_like(chunk) for _ in range(world_size)] if is_main else None
+        dist.gather(chunk, received, dst=0)
+        if is_main:
+            for rank, piece in enumerate(received):
+                pieces[rank].append(piece[:max(0, min(rows, counts[rank] - offset))].cpu())
+    if not is_main:
+        return None
+    return torch.cat([torch.cat(rank_pieces) if rank_pieces else tensor.new_zeros((0,) + tuple(tensor.shape[1:]))
+                      for rank_pieces in pieces]).cpu()

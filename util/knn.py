@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Subset
 import util.misc as misc
 from util.datasets import build_finetune_dataset
 from util.errors import ConfigError, DataError
-from util.features import POOLINGS, extract_features, gather_from_ranks, student_encoder
+from util.features import DEFAULT_POOL, POOLINGS, extract_features, gather_from_ranks, student_encoder
 from util.transforms import DEFAULT_VAL_CROP, build_finetune_transform
 
 
@@ -64,8 +64,8 @@ def add_knn_args(parser):
                              "--knn_freq (default: --data_path; --dataset synthetic uses its own labels)")
     parser.add_argument("--knn_k", default=20, type=int, help="neighbours per query")
     parser.add_argument("--knn_temperature", default=0.07, type=float, help="vote weight exp(cosine / T)")
-    parser.add_argument("--knn_pool", default="mean", choices=POOLINGS,
-                        help="features: mean of the final-normed patch tokens, or the cls token")
+    parser.add_argument("--knn_pool", default=DEFAULT_POOL, choices=POOLINGS,
+                        help="features: mean of the final-normed patch tokens, or the cls token (default: %(default)s)")
     parser.add_argument("--knn_val_crop", default=DEFAULT_VAL_CROP, type=int,
                         help="centre crop (pixels) before the resize to --img_size, as fine-tuning's --val_crop")
     return parser
