@@ -73,8 +73,8 @@ def pretraining_checkpoint(path: Path, patch_size: int, data_path: Path) -> Path
 @pytest.fixture(scope="module")
 def nuclei(tmp_path_factory):
     """stardist's nuclei (125, classes dim/medium/bright by intensity) prepared four ways, a patch-8 pretraining
-    checkpoint, a classifier fine-tuned from it for one epoch, and a copy of that classifier that stores its class
-    names (as fine-tuning does since it records args.class_names)."""
+    checkpoint, a classifier fine-tuned from it for one epoch (which records its class names), and a copy of that
+    classifier without them."""
     stardist_installed()
     root = tmp_path_factory.mktemp("nuclei")
     demo = write_nuclei_demo(root / "demo")
@@ -91,10 +91,11 @@ def nuclei(tmp_path_factory):
              "--data_path", str(labelled), "--finetune", str(pre), "--output_dir", str(root / "ft")]
     assert run_tool(main_finetune.main, main_finetune.get_args_parser().parse_args(flags)) == 0
     checkpoint = torch.load(root / "ft" / "checkpoint.pth", weights_only=True)
-    checkpoint["args"]["class_names"] = list(PackedCells(labelled).classes)
-    torch.save(checkpoint, root / "classifier.pth")
+    assert checkpoint["args"]["class_names"] == list(PackedCells(labelled).classes)  # fine-tuning records them
+    del checkpoint["args"]["class_names"]  # a classifier from elsewhere (or an older run) that does not
+    torch.save(checkpoint, root / "unnamed.pth")
     return dict(root=root, labelled=labelled, tiff=tiff, masked=masked, wide=wide, pre=pre,
-                unnamed=root / "ft" / "checkpoint.pth", classifier=root / "classifier.pth",
+                unnamed=root / "unnamed.pth", classifier=root / "ft" / "checkpoint.pth",
                 ft_log=root / "ft" / "log.txt")
 
 
@@ -287,7 +288,7 @@ def test_bad_input_is_one_line_and_nothing_is_written(nuclei, predicted, tmp_pat
         (["--checkpoint", nuclei["classifier"], "--data_path", nuclei["wide"], "--output_dir", fresh,
           "--ignore_channel_names"], r"the crops are 48 px but the model takes 32 px images; .* pass --resize"),
         (["--checkpoint", nuclei["pre"], "--embed_only", "--data_path", nuclei["labelled"], "--output_dir", predicted],
-         r"--output_dir .*pred holds the results of checkpoint .*classifier\.pth, not of .*pre\.pth; pass --overwrite"),
+         r"--output_dir .*pred holds the results of checkpoint .*ft/checkpoint\.pth, not of .*pre\.pth; pass --overwrite"),
         (["--checkpoint", nuclei["classifier"], "--data_path", nuclei["labelled"], "--output_dir", other],
          r"is not empty and holds no predict_cells.py results"),
         (["--checkpoint", nuclei["classifier"], "--data_path", nuclei["labelled"], "--output_dir", fresh, "--pool",
@@ -414,7 +415,7 @@ def test_extract_features_describes_itself_writes_beside_the_checkpoint_and_keep
     argv = ["--checkpoint", str(nuclei["classifier"]), "--data_path", str(nuclei["labelled"]), "--num_workers", "0",
             "--device", "cpu"]
     out = extract_features.main(extract_features.get_args_parser().parse_args(argv))
-    assert out == nuclei["classifier"].parent / "classifier-features-labelled.npz"
+    assert out == nuclei["classifier"].parent / "checkpoint-features-labelled.npz"  # <ckpt stem>-features-<data>
     # the same pooling and view as predict_cells.py: the same embeddings
     embeddings = anndata.read_h5ad(predicted / "cells.h5ad").obsm["X_dama"]
     np.testing.assert_allclose(np.load(out)["features"], embeddings, rtol=1e-5, atol=1e-5)
@@ -443,8 +444,10 @@ def test_one_pooling_default_everywhere(nuclei):
     assert DEFAULT_POOL == "mean"
     for module in (main_finetune, main_linprobe):  # global_pool: the mean of the patch tokens -> fc_norm
         parser = module.get_args_parser()
-        assert parser.parse_args([]).global_pool is True
-        assert parser.parse_args(["--pool", "cls"]).global_pool is False
+        for flags, global_pool in (([], True), (["--pool", "cls"], False)):
+            args = parser.parse_args(flags)
+            main_finetune.describe_model(args)  # left out and no checkpoint: the default
+            assert args.global_pool is global_pool
     assert add_knn_args(argparse.ArgumentParser()).parse_args([]).knn_pool == "mean"
     description, _ = describe_checkpoint(str(nuclei["pre"]))  # an encoder: the pooling is chosen
     for parser in (extract_features.get_args_parser(), predict_cells.get_args_parser(),

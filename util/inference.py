@@ -22,8 +22,6 @@ A classifier's pooling is fixed by its weights (fc_norm or not); an encoder's is
 import argparse
 
 import torch
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import v2
 
 import models_vit
 from models_dama import ARCH_CONFIGS
@@ -32,7 +30,8 @@ from util.convert import (checkpoint_args, check_shapes, encoder_metadata, fit_p
                           strip_prefix, DDP_PREFIX)
 from util.errors import CheckpointError, ConfigError
 from util.features import DEFAULT_POOL
-from util.transforms import DEFAULT_VAL_CROP, TensorTransform
+from util.transforms import DEFAULT_VAL_CROP, CentreCropResize, TensorTransform, dtype_scale
+from util.transforms import resize as resize_to
 
 MODEL_FLAGS = ("arch", "patch_size", "img_size", "in_chans")
 LINPROBE_BN_EPS = 1e-6  # main_linprobe.build_probe_model's BatchNorm1d(affine=False, eps=1e-6)
@@ -202,14 +201,30 @@ def view_crop(args, description: dict) -> int:
 
 
 def build_view(img_size: int, crop: int, mean=None, std=None, resize: bool = False) -> TensorTransform:
-    """Fine-tuning's validation view for a [C, H, W] float image: centre crop `crop`, resized to img_size (bicubic),
-    then (x - mean) / std when the checkpoint's recipe has them. resize: each image is first resized to
-    img_size x img_size (crops prepared at another size)."""
+    """Fine-tuning's validation view for a [C, H, W] image (integers as stored, or float): centre crop `crop`,
+    resized to img_size (bicubic), then (x - mean) / std when the checkpoint's recipe has them. resize: each image
+    is first resized to img_size x img_size (crops prepared at another size)."""
     if resize and crop > img_size:
         raise ConfigError(f"--val_crop {crop} is larger than the model's {img_size} px input, to which --resize "
                           f"scales each crop first")
-    to_size = v2.Resize((img_size, img_size), interpolation=InterpolationMode.BICUBIC, antialias=True)
-    steps = ([to_size] if resize else []) + [v2.CenterCrop(crop), to_size]
-    if mean is not None and std is not None:
-        steps.append(v2.Normalize(list(mean), list(std)))
-    return TensorTransform(v2.Compose(steps), min_side=0 if resize else crop)
+    return PredictionView(img_size, crop, mean, std, resize)
+
+
+class PredictionView(TensorTransform):
+    """util.transforms.CentreCropResize (fine-tuning's validation view), optionally after a resize of the whole
+    crop to the model's input and followed by a mean/std normalisation."""
+
+    def __init__(self, img_size: int, crop: int, mean=None, std=None, resize: bool = False):
+        self.centre = CentreCropResize(img_size, crop)
+        self.img_size, self.resize = img_size, resize
+        self.min_side = 1 if resize else crop
+        self.mean = None if mean is None else torch.tensor(list(mean), dtype=torch.float32).view(-1, 1, 1)
+        self.std = None if std is None else torch.tensor(list(std), dtype=torch.float32).view(-1, 1, 1)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        if self.resize:  # the whole crop to the model's size first, in [0, 1] float
+            image = resize_to((image.to(torch.float32) * dtype_scale(image.dtype))[None], self.img_size)[0]
+        x = self.centre(image)
+        return x if self.mean is None else (x - self.mean) / self.std
+
+
