@@ -19,7 +19,7 @@ each single-process with one thread (what one DataLoader worker does) and throug
 thread, for the CPU path (read, crop, to-float, resize, then rotate + shift + flips as the one warp the pipeline
 runs, and the same steps of the torchvision v2 float pipeline this code used before, stage by stage) and the
 GPU path (worker: read, crop + to-float; device: resize and warp per batch), in ms per image (bench_stages). For scale: the reference's numpy/cv2 pipeline does about 230 img/s per core at
-224 px; feeding issue 6's targets from 16 cores needs about 3,500/16 = 220 img/s per worker at 224 px
+224 px; feeding the training targets from 16 cores needs about 4,000/16 = 250 img/s per worker at 224 px
 (ViT-B) and 12,000/16 = 750 at 128 px (ViT-T).
 
     python benchmarks/bench_data.py                       # 224 and 128 px, both pipelines
@@ -32,7 +32,7 @@ a multiple of 3) or on the images of --data_path (<data_path>/train or <data_pat
 'imagenet_finetune' (timm's transform with RandAugment and random erasing), 'imagenet_eval', and
 'imagenet_decode_gpu' (the worker side of --decode gpu: read the bytes, draw the box) with
 'imagenet_decode_gpu_device' (decode_jpeg + crop + resize + flip + normalise of a batch on --device).
-workers_for_target is for the issue's ImageNet target, 4,000 img/s (ViT-B/16 at 224 px on one GPU).
+workers_for_target is for the ImageNet training target, 4,000 img/s (ViT-B/16 at 224 px on one GPU).
 
     python benchmarks/bench_data.py --recipe imagenet --img_size 224 --num_workers 2
 """
@@ -60,13 +60,13 @@ from util.synthetic import SyntheticCells  # noqa: E402
 from util.transforms import (TensorTransform, augment_batch, build_pretrain_transform, crop_float,  # noqa: E402
                              dtype_scale, resize, sample_warp)
 
-REFERENCE_IMG_PER_S_PER_CORE = {224: 230}  # the reference's numpy/cv2 pipeline (issue 6)
-IMAGENET_TARGET_IMG_PER_S = 4000  # issue 20: ViT-B/16 at 224 px on one GPU
+REFERENCE_IMG_PER_S_PER_CORE = {224: 230}  # the reference's numpy/cv2 pipeline, measured on one core
+IMAGENET_TARGET_IMG_PER_S = 4000  # the training target of ViT-B/16 at 224 px on one H200
 IMAGENET_PIPELINES = ("imagenet_pretrain", "imagenet_finetune", "imagenet_eval", "imagenet_decode_gpu")
-TARGET_IMG_PER_S = {224: 3500, 128: 12000}  # issue 6's training targets (ViT-B at 224, ViT-T at 128)
+TARGET_IMG_PER_S = {224: 4000, 128: 12000}  # the training targets on one H200 (ViT-B at 224, ViT-T at 128)
 LAYOUTS = ("channel_last", "planar")
 FILE_PIPELINES = ("cpu", "gpu")
-# The reference's uint16 numpy/cv2 pipeline per 7-channel image on one core of the development machine (issue 17)
+# The reference's uint16 numpy/cv2 pipeline per 7-channel image on one core of the development machine
 REFERENCE_CPU_MS_PER_IMG = {128: 1.5, 224: 4.4}
 
 
@@ -252,7 +252,7 @@ def bench_packed(args, tmp: Path) -> list:
 
 
 # --------------------------------------------------------------------------------------------------
-# Stages: ms per image of each step, CPU and GPU paths (issue 17)
+# Stages: ms per image of each step, CPU and GPU paths
 # --------------------------------------------------------------------------------------------------
 def ms_per_call(fn, min_seconds: float, min_calls: int = 20, repeats: int = 5) -> float:
     """ms of fn() on one thread: the best of `repeats` means over at least min_calls calls and min_seconds /
@@ -284,7 +284,7 @@ def v2_float_stages(img_size: int):
 
 
 def reference_cv2_stages(img_size: int):
-    """The reference code's uint16 pipeline (numpy + OpenCV on an H x W x C array; reference-behaviour.md), step by
+    """The reference code's uint16 pipeline (numpy + OpenCV on an H x W x C array), step by
     step, for a side-by-side measurement: [(stage, fn(image) -> image)], or [] when OpenCV is not installed (it is
     no dependency of this project: `pip install opencv-python-headless` to add these rows)."""
     try:
@@ -422,7 +422,7 @@ def stages_table(rows) -> str:
     sizes = sorted({r["img_size"] for r in rows})
     reference = ", ".join(f"{REFERENCE_CPU_MS_PER_IMG[s]} ms at {s} px" for s in sizes if s in REFERENCE_CPU_MS_PER_IMG)
     if reference:
-        lines.append(f"\nReference uint16 numpy/cv2 pipeline (augmentation, one core): {reference} (issue 17).")
+        lines.append(f"\nReference uint16 numpy/cv2 pipeline (augmentation, one core): {reference}.")
     return "\n".join(lines)
 
 
@@ -435,7 +435,7 @@ def markdown_table(rows) -> str:
                      f"| {r['img_per_s']:,.0f} | {fmt(r['img_per_s_per_worker'], ',')} "
                      f"| {fmt(r['ms_per_img_per_worker'], ',')} "
                      f"| {fmt(r['workers_for_target'], ',')} (of {fmt(r['target_img_per_s'], ',')}/s) |")
-    lines.append("\nReference numpy/cv2 pipeline: about 230 img/s per core at 224 px (issue 6).")
+    lines.append("\nReference numpy/cv2 pipeline: about 230 img/s per core at 224 px.")
     return "\n".join(lines)
 
 
@@ -524,7 +524,7 @@ def imagenet_table(rows) -> str:
         lines.append(f"| {r['pipeline']} | {r['img_size']} | {r['files']} | {workers} | {r['img_per_s']:,.0f} "
                      f"| {fmt(r['img_per_s_per_worker'], ',')} | {fmt(r['ms_per_img_per_worker'], ',')} "
                      f"| {fmt(r['workers_for_target'], ',')} |")
-    lines.append("\nTarget (issue 20): 4,000 img/s, ViT-B/16 at 224 px on one GPU.")
+    lines.append("\nTarget: 4,000 img/s, ViT-B/16 at 224 px on one GPU.")
     return "\n".join(lines)
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 6 on one GPU in a single call (about 8 minutes on an H100): training-step throughput eager and
+# The GPU checks in a single call (about 8 minutes on an H200): training-step throughput eager and
 # compiled, host-sync count, bf16/compile numerics, data pipeline, GPU augmentation and the CPU smoke tests.
 # Every step writes <name>.log (and .jsonl) under $OUT; status.txt has each step's exit code; summary.md
 # collects the tables and is printed at the end. Steps run in priority order and are skipped (marked SKIP)
@@ -25,7 +25,7 @@ if [ "$SMOKE" = 1 ]; then
     DATA="--img_size 32 --num_files 4 --num_workers 1 --batch_size 2 --min_seconds 0 --passes 2 --device cpu"
     DATA="$DATA --augment_batch_size 4"
 else
-    EAGER="--steps 20 --warmup 5"  # the default configs: the four issue-6 rows and the two targets
+    EAGER="--steps 20 --warmup 5"  # the default configs: the reference's rows and the targets
     NUMERICS="--configs vit_base:224:32:bf16"
     DATA="--img_size 224 128 --num_files 256 --num_workers 14 --batch_size 64 --min_seconds 1 --passes 3"
     DATA="$DATA --device cuda"

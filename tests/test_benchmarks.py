@@ -103,7 +103,7 @@ def test_configs_from_flags_and_clear_errors():
     bench = load_bench_pretrain()
     parse = bench.get_args_parser().parse_args
     defaults = bench.configs_from_args(parse([]))
-    assert [c.key for c in defaults][:4] == list(bench.REFERENCE_IMG_PER_S)
+    assert [c.key for c in defaults] == list(bench.REFERENCE_IMG_PER_S)  # every row the reference has numbers for
     assert set(bench.TARGET_IMG_PER_S) <= {c.key for c in defaults}
     product = bench.configs_from_args(parse(["--arch", "vit_tiny", "main_vit_base", "--img_size", "128"]))
     assert [c.key for c in product] == [("main_vit_tiny", 128, 256, "bf16"), ("main_vit_base", 128, 256, "bf16")]

@@ -1,5 +1,5 @@
 """util.filelist: folder listings as numpy arrays, the index cache beside the output, the header scan and the
-check of every file before training (issue 18: all bad files at once, or left out with --skip_bad_files)."""
+check of every file before training (all bad files at once, or left out with --skip_bad_files)."""
 import argparse
 import json
 from pathlib import Path
@@ -182,7 +182,7 @@ def pretrain_args(*flags):
 
 def test_a_corrupt_file_in_the_middle_stops_before_training_or_is_left_out(make_image_folder, tmp_path, capsys,
                                                                            one_thread):
-    """Issue 18: the run fails before its first step, listing every bad file; --skip_bad_files trains without
+    """The run fails before its first step, listing every bad file; --skip_bad_files trains without
     them and records how many in log.txt."""
     root = make_image_folder(classes=("a", "b"), n_per_class=8, size=40, splits=("train",))
     corrupt = [root / "train" / "a" / "a_5.tif", root / "train" / "b" / "b_2.tif"]

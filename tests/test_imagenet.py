@@ -1,4 +1,4 @@
-"""--recipe imagenet (issue 20) on a small real-photo ImageFolder cut from scikit-image's photographs: the recipe's
+"""--recipe imagenet on a small real-photo ImageFolder cut from scikit-image's photographs: the recipe's
 transforms, a step of pretraining, fine-tuning and linear probe, the cached file list, --decode gpu against the
 CPU path, LARS, the benchmark rows, and every bad input as one line."""
 import argparse
