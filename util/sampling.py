@@ -63,7 +63,8 @@ def seeded(seed: int):
 
 class ResumableSampler(DistributedSampler):
     """torch's DistributedSampler order (shuffled by seed + epoch, dealt to the ranks) that can start in the middle
-    of an epoch and tags each index with its augmentation seed: it yields (index, seed) for `SeededSamples`.
+    of an epoch and tags each index with what seeds its augmentation: it yields (index, seed, epoch) for
+    `SeededSamples`.
 
     set_epoch(epoch, start_step) starts the epoch after `start_step` batches of `batch_size` (a resumed epoch);
     `steps_per_epoch` is always the full epoch's number of batches, for the lr schedule: whole batches only, or
@@ -90,17 +91,19 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples // self.batch_size
 
     def __iter__(self):
+        # the seed itself is derived where the item is loaded (in the workers): a million-image epoch would
+        # otherwise spend seconds here before its first batch
         indices = list(super().__iter__())[self.start_step * self.batch_size:]
-        return iter([(index, derived_seed(self.seed, 0, self.epoch, index)) for index in indices])
+        return iter([(index, self.seed, self.epoch) for index in indices])
 
     def __len__(self) -> int:
         return self.num_samples - self.start_step * self.batch_size
 
 
 class SeededSamples(Dataset):
-    """dataset[index] with its randomness (augmentation) seeded by the sampler's per-sample seed.
+    """dataset[index] with its randomness (augmentation) seeded by (seed, epoch, index).
 
-    Items are requested as (index, seed) pairs by `ResumableSampler`. Attributes of the wrapped dataset (classes,
+    Items are requested as (index, seed, epoch) by `ResumableSampler`. Attributes of the wrapped dataset (classes,
     transform, ...) are reachable through `.dataset`.
     """
 
@@ -111,8 +114,8 @@ class SeededSamples(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, item):
-        index, seed = item
-        with seeded(seed):
+        index, seed, epoch = item
+        with seeded(derived_seed(seed, 0, epoch, index)):
             return self.dataset[index]
 
 
