@@ -31,7 +31,7 @@ from util.checkpoint import (add_resume_args, check_save_schedule, describing_ch
 from util.cli import add_bool_flag, make_parser, run_tool
 from util.convert import load_pretrained_encoder
 from util.datasets import (add_loader_args, build_finetune_dataset, build_finetune_test_dataset,
-                           check_one_batch_per_process)
+                           check_one_batch_per_process, resolve_num_workers)
 from util.errors import ConfigError, DataError
 from util.features import add_classifier_pool_flag
 from util.imagenet import add_finetune_augment_args, add_recipe_arg, recipe_in_chans, resolve_recipe
@@ -167,6 +167,7 @@ def describe_model(args) -> None:
 def resolve_defaults(args):
     """Fill the defaults that depend on other flags."""
     describe_model(args)  # a no-op after main's call: the model flags left out, from the checkpoint
+    resolve_num_workers(args)
     if args.amp_dtype is None:
         args.amp_dtype = "bf16" if str(args.device).startswith("cuda") else "none"
     if args.log_dir is None:
@@ -314,7 +315,7 @@ def build_log_writer(args):
 def wrap_ddp(args, model):
     if not args.distributed:
         return model
-    device_ids = [args.local_rank] if str(args.device).startswith("cuda") else None
+    device_ids = [torch.device(args.device)] if str(args.device).startswith("cuda") else None  # cuda:<index>
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=False)
 
 
@@ -411,12 +412,24 @@ def train(args, run: dict):
         stop_signals.uninstall()
         if log_writer is not None:
             log_writer.close()
-    final = {"max_accuracy": max_accuracy, "selected_on": "val"}  # the set max_accuracy was chosen (and measured) on
-    if loader_test is not None:
-        final.update(score_test_split(args, model_without_ddp, loader_test, num_classes))
-    misc.append_json_log(args.output_dir, final)
+    write_final_line(args, run, max_accuracy)
     print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
     return max_accuracy
+
+
+def write_final_line(args, run: dict, max_accuracy: float) -> None:
+    """log.txt's last line: the best val top-1, the set it was chosen on, and the test split scored once."""
+    final = {"max_accuracy": max_accuracy, "selected_on": "val"}  # the set max_accuracy was chosen (and measured) on
+    if run["loader_test"] is not None:
+        final.update(score_test_split(args, run["model_without_ddp"], run["loader_test"], run["num_classes"]))
+    misc.append_json_log(args.output_dir, final)
+
+
+def final_line_missing(output_dir) -> bool:
+    """True when log.txt ends with an epoch's line: the run stopped after its last checkpoint, before its end."""
+    path = os.path.join(output_dir, "log.txt")
+    lines = [line for line in open(path).read().splitlines() if line.strip()] if os.path.isfile(path) else []
+    return bool(lines) and "max_accuracy" not in json.loads(lines[-1])
 
 
 def build_test_loader(args, dataset_test):
@@ -443,10 +456,11 @@ def setup(args, identity: dict, make_model=build_finetune_model, make_optimizer=
     if not args.eval:
         find_resume_checkpoint(args, identity)  # another run in --output_dir is refused before anything is built
 
-    dataset_train, dataset_val = build_datasets(args)
+    with misc.main_process_first():  # rank 0 lists and scans the files (and writes the index) before the others
+        dataset_train, dataset_val = build_datasets(args)
+        dataset_test = build_finetune_test_dataset(args, dataset_train.classes)
     num_classes = check_num_classes(args, dataset_train, dataset_val)
     args.class_names = check_class_names(args, list(dataset_train.classes))  # stored in every checkpoint
-    dataset_test = build_finetune_test_dataset(args, dataset_train.classes)
     # --skip_bad_files: how many the header check left out, logged in this run's first log.txt line
     args.skipped_bad_files = sum(getattr(d, "skipped_bad_files", 0) for d in (dataset_train, dataset_val))
     print(f"train: {len(dataset_train)} images, val: {len(dataset_val)} images, {num_classes} classes"
@@ -477,11 +491,13 @@ def preflight(args, world_size: int) -> None:
     """The job's start-up checks, run by the submitit launcher in its own process before it submits
     (util/launch.py): flags, another run in the output folder, the data (every file's header, the classes, at least
     one batch per process of a `world_size`-process job), and the --finetune / --resume checkpoints loaded into the
-    model they must fit. Writes nothing but the data index cache, which the job then reuses."""
+    model they must fit. Writes nothing but the data index cache in the job's folder, when that folder is known now
+    (a --job_dir without %j)."""
     describe_model(args)
     identity = run_identity(args)
     resolve_defaults(args)
-    find_resume_checkpoint(args, identity)
+    if not args.overwrite:  # with --overwrite the job sets the earlier run aside itself, not this check
+        find_resume_checkpoint(args, identity)
     dataset_train, dataset_val = build_datasets(args)
     num_classes = check_num_classes(args, dataset_train, dataset_val)
     check_class_names(args, list(dataset_train.classes))
@@ -500,6 +516,9 @@ def main(args, setup_fn=setup):
     resolve_defaults(args)
     misc.init_distributed_mode(args)
     if args.eval:
+        if not args.resume:
+            raise ConfigError("--eval evaluates a fine-tuned checkpoint: pass --resume CKPT (without it the model "
+                              "would be untrained)")
         run = setup_fn(args, identity)
         loader_val = run["loaders"][1]
         test_stats = evaluate(loader_val, run["model_without_ddp"], args.device, args.amp_dtype,
@@ -515,6 +534,8 @@ def main(args, setup_fn=setup):
     with exclusive_output_dir(args.output_dir, enabled=misc.is_main_process()):
         run = setup_fn(args, identity)
         if run_is_finished(args):
+            if final_line_missing(args.output_dir):  # stopped between its last checkpoint and its final line
+                write_final_line(args, run, run["max_accuracy"])
             return run["max_accuracy"]
         return train(args, run)
 

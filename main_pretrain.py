@@ -20,7 +20,8 @@ from util.checkpoint import (add_resume_args, check_save_schedule, describing_ch
                               run_is_finished, save_model, saved_args)
 from util.channels import add_channel_name_args, data_channel_names
 from util.cli import add_bool_flag, make_parser, run_tool
-from util.datasets import add_loader_args, build_pretrain_dataset, check_one_batch_per_process
+from util.datasets import (add_loader_args, build_pretrain_dataset, check_one_batch_per_process,
+                           resolve_num_workers)
 from util.errors import ConfigError
 from util.gpu_augment import build_gpu_augment, build_gpu_pretrain_dataset
 from util.imagenet import (DeviceDecode, add_recipe_arg, build_encoded_pretrain_dataset, recipe_in_chans,
@@ -155,6 +156,7 @@ def describe_model(args) -> None:
 def resolve_defaults(args):
     """Fill the defaults that depend on the machine or on other flags."""
     describe_model(args)  # a no-op after main's call: the model flags left out, from the checkpoint
+    resolve_num_workers(args)
     if args.amp_dtype is None:
         args.amp_dtype = "bf16" if str(args.device).startswith("cuda") else "none"
     args.log_dir = args.log_dir or args.output_dir
@@ -218,11 +220,12 @@ def preflight(args, world_size: int) -> None:
     """The job's start-up checks, run by the submitit launcher in its own process before it submits
     (util/launch.py): flags, the model, another run in the output folder, the data (every file's header, at least
     one batch per process of a `world_size`-process job), the kNN data and a --resume checkpoint. Writes nothing
-    but the data index cache, which the job then reuses."""
+    but the data index cache in the job's folder, when that folder is known now (a --job_dir without %j)."""
     describe_model(args)
     identity = run_identity(args)
     resolve_defaults(args)
-    find_resume_checkpoint(args, identity)
+    if not args.overwrite:  # with --overwrite the job sets the earlier run aside itself, not this check
+        find_resume_checkpoint(args, identity)
     model = build_model(args)
     dataset = build_training_dataset(args)
     check_one_batch_per_process(len(dataset), args.batch_size, world_size, "images", padded=False)
@@ -251,18 +254,21 @@ def train(args, identity: dict):
     device = torch.device(args.device)
     misc.seed_everything(args.seed)
     find_resume_checkpoint(args, identity)  # another run in --output_dir is refused before anything is built
+    if args.resume:  # a resumed run keeps the intensity recipe it started with (never re-estimated)
+        args.normalization = saved_args(args.resume).get("normalization")
 
     model = build_model(args)  # config errors surface before any data is read
     if args.save_init or args.epochs == 0:
         save_initial_checkpoint(args, model, identity)
         if args.epochs == 0:
             return
-    dataset = build_training_dataset(args)
+    with misc.main_process_first():  # rank 0 lists and scans the files (and writes the index) before the others
+        dataset = build_training_dataset(args)
+        knn_monitor = KnnMonitor(args) if args.knn_freq > 0 else None  # labelled-data errors surface now
     skipped = getattr(dataset, "skipped_bad_files", 0)  # --skip_bad_files: logged in this run's first log.txt line
     print(f"dataset: {len(dataset)} images" + (f" ({skipped} bad files left out)" if skipped else ""))
     record_data_description(args, dataset)
     data_loader = build_loader(dataset, args)
-    knn_monitor = KnnMonitor(args) if args.knn_freq > 0 else None  # labelled-data errors surface now
     model.to(device)
     batch_transform = build_gpu_augment(args).to(device) if args.gpu_augment else None
     if args.decode == "gpu":
@@ -280,7 +286,7 @@ def train(args, identity: dict):
           f"effective batch size: {eff_batch_size}")
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[args.local_rank] if device.type == "cuda" else None, find_unused_parameters=False)
+            model, device_ids=[device] if device.type == "cuda" else None, find_unused_parameters=False)
     param_groups = param_groups_weight_decay(model_without_ddp, args.weight_decay)
     optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
     loss_scaler = misc.LossScaler(args.amp_dtype, device.type)

@@ -9,8 +9,8 @@ checkpoint or an exported encoder) and a cell dataset in; per-cell tables, AnnDa
 area and label), or any folder of images (class sub-folders and/or images directly in it; no positions). Each crop
 is shown to the model as fine-tuning's validation showed it: centre crop --val_crop (default: the fine-tuning
 run's), resized to the model's input size, with the checkpoint's normalisation recipe for raw folder data and its
-mean/std when it has them. Crops of another size than the model's input are refused unless --resize (each crop is
-then first resized to the input size). The data's channel names must match the checkpoint's (as in fine-tuning).
+mean/std when it has them. Crops smaller than that centre crop are refused unless --resize (each crop is then
+first resized to the input size). The data's channel names must match the checkpoint's (as in fine-tuning).
 
 Outputs in --output_dir (written into a temporary folder and renamed at the end; a folder holding the results of
 another checkpoint, other data or other options is refused without --overwrite):
@@ -118,13 +118,15 @@ def load_predictor(args):
 # --------------------------------------------------------------------------------------------------
 # The cells
 # --------------------------------------------------------------------------------------------------
-def check_crop_size(sides, img_size: int, root, resize: bool) -> None:
-    """Crops (side lengths, any number) must be the model's input size unless --resize."""
-    other = sorted({int(s) for s in sides} - {img_size})
-    if other and not resize:
-        raise DataError(f"--data_path {root}: the crops are {other[0]} px but the model takes {img_size} px images; "
-                        f"prepare the cells with --crop_size {img_size}, or pass --resize to resize each crop to "
-                        f"{img_size} px")
+def check_crop_size(sides, crop: int, img_size: int, root, resize: bool) -> None:
+    """Crops (side lengths, any number) must hold the view's centre crop, as fine-tuning's validation crops did
+    (centre `crop` px, resized to the model's input), unless --resize scales each crop to the input size first."""
+    small = sorted({int(s) for s in sides if int(s) < crop})
+    if small and not resize:
+        raise DataError(f"--data_path {root}: the crops are {small[0]} px, smaller than the view's {crop} px centre "
+                        f"crop (the fine-tuning run's --val_crop, or --val_crop); prepare the cells with a "
+                        f"--crop_size of at least {crop}, or pass --resize to resize each crop to the model's "
+                        f"{img_size} px input first")
 
 
 def split_of(args):
@@ -205,7 +207,7 @@ def open_cells(args, description, crop: int):
     opener = open_packed if prepared_layout(root) == "packed" else open_folder
     dataset, table, extents, sides = opener(root, args, description, view)
     check_data_channels(description["channel_names"], dataset, args, f"checkpoint {args.checkpoint}")
-    check_crop_size(sides, description["img_size"], root, args.resize)
+    check_crop_size(sides, crop, description["img_size"], root, args.resize)
     if len(dataset) < misc.get_world_size():
         raise DataError(f"--data_path {root}: {len(dataset)} cells are fewer than the {misc.get_world_size()} "
                         f"processes")

@@ -105,7 +105,7 @@ def read_checkpoint_description(path) -> tuple:
 
     if not os.path.isfile(path):
         return None, None  # the loader that needs the file reports it missing, naming its flag
-    checkpoint = torch_load(path)
+    checkpoint = torch_load(path, mmap=True)  # only its args are read: the tensors stay on disk
     if not isinstance(checkpoint, dict):
         return None, None
     names, recipe = checkpoint_description(checkpoint)

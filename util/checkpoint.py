@@ -190,7 +190,7 @@ RUNTIME_SETTINGS = frozenset({
     "world_size", "rank", "local_rank", "distributed", "dist_backend", "dist_url", "dist_on_itp", "gpu",
     "amp_dtype", "compile", "gpu_augment", "decode", "print_freq", "save_freq", "save_every_steps", "save_every_minutes", "vis_freq",
     "vis_num_images", "knn_freq", "knn_data_path", "knn_k", "knn_temperature", "knn_pool", "knn_val_crop", "eval",
-    "dist_eval", "start_step", "skip_bad_files",
+    "dist_eval", "start_step", "skip_bad_files", "vis_channels", "save_init", "preflight",
     # submitit launcher flags (util/launch.py)
     "ngpus", "nodes", "timeout", "partition", "job_dir", "comment", "mem_per_gpu", "cpus_per_task", "constraint",
     "use_volta32", "account", "qos", "exclude", "cluster", "slurm_max_num_timeout", "job_name", "dry_run", "detach",
@@ -385,9 +385,16 @@ def resume(args, model_without_ddp, optimizer, loss_scaler) -> dict:
     if not getattr(args, "eval", False):
         _load_training_state(checkpoint, optimizer, loss_scaler, path)
     if "epoch" in checkpoint:
-        mid_epoch = checkpoint.get("step") is not None
-        args.start_epoch = checkpoint["epoch"] if mid_epoch else checkpoint["epoch"] + 1
-        args.start_step = int(checkpoint["step"]) if mid_epoch else 0
+        epoch, step = checkpoint["epoch"], checkpoint.get("step")
+        saved_world = (checkpoint.get("args") or {}).get("world_size", getattr(args, "world_size", 1))
+        if step is not None and saved_world != getattr(args, "world_size", 1):
+            # an epoch's batches are dealt to the processes: with another count its rest would be other images
+            print(f"note: {path} was written after step {step} of epoch {epoch} by {saved_world} processes and this "
+                  f"run has {args.world_size}: epoch {epoch} starts over")
+            checkpoint.pop("epoch_state", None)
+            step = 0
+        args.start_epoch = epoch if step is not None else epoch + 1
+        args.start_step = int(step or 0)
     where = f"epoch {checkpoint.get('epoch', '?')}" + (f", after step {args.start_step}" if args.start_step else "")
     print(f"Resumed from {path} ({where})")
     return checkpoint

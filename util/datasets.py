@@ -186,14 +186,22 @@ def checked_folder_dataset(files: FileList, classes, args, transform: TensorTran
 def add_loader_args(parser, what: str = "the data loader") -> None:
     """The data flags both training scripts share: how bad files are handled, and the loader's workers."""
     from util.cli import add_bool_flag  # here: util.cli stays importable without torch
-    from util.misc import default_num_workers
 
     add_bool_flag(parser, "skip_bad_files", False,
                   help="leave out the files the header check before training finds bad (unreadable, wrong "
                        "channel count, too small) and record how many in log.txt, instead of stopping")
-    parser.add_argument("--num_workers", default=default_num_workers(), type=int,
-                        help="DataLoader worker processes per GPU (default: up to 10, at most the CPUs available)")
+    # None: resolved where the job runs (resolve_num_workers), not where a launcher parsed the flags
+    parser.add_argument("--num_workers", default=None, type=int,
+                        help="DataLoader worker processes per GPU (default: up to 10, at most the CPUs the process "
+                             "may use)")
     add_bool_flag(parser, "pin_mem", True, help=f"pin CPU memory in {what} (default on)")
+
+
+def resolve_num_workers(args) -> None:
+    """--num_workers left out: up to 10, at most the CPUs this process may use (the job's, not a login node's)."""
+    if getattr(args, "num_workers", None) is None:
+        from util.misc import default_num_workers
+        args.num_workers = default_num_workers()
 
 
 def check_one_batch_per_process(num_images: int, batch_size: int, world_size: int, what: str = "training images",

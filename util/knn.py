@@ -109,9 +109,10 @@ class KnnMonitor:
         self.amp_dtype = args.amp_dtype
         train, val = build_knn_datasets(args)
         self.num_classes = len(train.classes)
-        if len(val) < misc.get_world_size():  # every rank embeds a non-empty shard
-            raise DataError(f"--knn_freq: {len(val)} kNN validation images are fewer than the "
-                            f"{misc.get_world_size()} processes")
+        for name, dataset in (("training", train), ("validation", val)):  # every rank embeds a non-empty shard
+            if len(dataset) < misc.get_world_size():
+                raise DataError(f"--knn_freq: {len(dataset)} kNN {name} images are fewer than the "
+                                f"{misc.get_world_size()} processes")
         self.loaders = [self._shard_loader(dataset, args) for dataset in (train, val)]
         print(f"kNN monitor: {len(train)} neighbours, {len(val)} queries, {self.num_classes} classes, "
               f"every {self.freq} epochs")

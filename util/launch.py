@@ -100,8 +100,8 @@ def resolve_launch_args(args):
     if args.device is None:
         args.device = "cuda" if args.cluster == "slurm" or torch.cuda.is_available() else "cpu"
     args.job_dir = str(Path(args.job_dir or DEFAULT_JOB_DIR).expanduser().absolute())
-    if args.cpus_per_task is None:
-        args.cpus_per_task = args.num_workers + 1
+    if args.cpus_per_task is None:  # the loader workers and the trainer; 10 workers when the job picks them
+        args.cpus_per_task = (args.num_workers if args.num_workers is not None else 10) + 1
     for flag in ("ngpus", "nodes", "timeout", "mem_per_gpu", "cpus_per_task"):
         if getattr(args, flag) < 1:
             raise LaunchError(f"--{flag} must be at least 1, got {getattr(args, flag)}")

@@ -8,7 +8,7 @@ import random
 import re
 import time
 from collections import defaultdict, deque
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -125,14 +125,16 @@ def init_distributed_mode(args):
     if backend == "nccl":
         if not torch.cuda.is_available():
             raise LaunchError(f"--device {device} was asked for but CUDA is not available; use --device cpu")
-        torch.cuda.set_device(local_rank)
-        device = f"cuda:{local_rank}"
+        # modulo: a launcher that gives each task its own GPU (srun --gpus-per-task=1) shows it one device
+        device_index = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(device_index)
+        device = f"cuda:{device_index}"
     args.distributed, args.rank, args.world_size, args.local_rank = True, rank, world_size, local_rank
     args.dist_backend, args.dist_url, args.device = backend, dist_url, device
     print(f"| distributed init (rank {rank}/{world_size}): {backend}", flush=True)
     dist.init_process_group(backend=backend, init_method=dist_url, world_size=world_size, rank=rank)
     # nccl would otherwise guess which GPU to use for the barrier (and warn about it)
-    dist.barrier(device_ids=[local_rank] if backend == "nccl" else None)
+    dist.barrier(device_ids=[torch.cuda.current_device()] if backend == "nccl" else None)
     setup_for_distributed(is_master=rank == 0)
 
 
@@ -220,6 +222,28 @@ def all_reduce_mean(value) -> float:
         value = torch.tensor(float(value), device=_comm_device())
     (mean,) = all_reduce_mean_list(value)
     return mean
+
+
+@contextmanager
+def main_process_first():
+    """Rank 0 runs the block first, the other ranks after it (a no-op in a single process): rank 0 lists and
+    checks a data folder and writes the index cache, which the others then read instead of scanning every file
+    again. When rank 0 fails, the others stop too, pointing at its error, instead of waiting forever."""
+    if not is_dist_avail_and_initialized():
+        yield
+        return
+    done = torch.zeros(1, device=_comm_device())
+    if get_rank() == 0:
+        try:
+            yield
+            done.fill_(1.0)
+        finally:
+            dist.broadcast(done, src=0)
+        return
+    dist.broadcast(done, src=0)
+    if done.item() != 1.0:
+        raise LaunchError("rank 0 could not prepare the data (its error is above, or in its log); stopping too")
+    yield
 
 
 def unwrap_model(model):

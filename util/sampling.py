@@ -47,13 +47,20 @@ def seed_step(seed: int, epoch: int, step: int, rank: int) -> None:
     seed_all(derived_seed(seed, 1, epoch, step, rank))
 
 
+def seed_cpu_generators(seed: int) -> None:
+    """Seed torch's CPU generator, numpy and random (what the augmentations draw from; no CUDA generator)."""
+    torch.default_generator.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
 @contextmanager
 def seeded(seed: int):
     """Run a block with torch's CPU generator, numpy and random seeded by `seed`, restoring their states after, so
     that seeding a sample in the main process (num_workers 0) does not disturb anything else."""
     py_state, np_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
-        seed_all(seed)
+        seed_cpu_generators(seed)
         try:
             yield
         finally:
@@ -115,7 +122,12 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, item):
         index, seed, epoch = item
-        with seeded(derived_seed(seed, 0, epoch, index)):
+        sample_seed = derived_seed(seed, 0, epoch, index)
+        if torch.utils.data.get_worker_info() is not None:
+            # a DataLoader worker's generators serve only the samples: seeding them is enough (and cheap)
+            seed_cpu_generators(sample_seed)
+            return self.dataset[index]
+        with seeded(sample_seed):  # the training process itself (num_workers 0): leave its generators as they were
             return self.dataset[index]
 
 
