@@ -32,14 +32,13 @@ import torch
 
 from util.channels import add_channel_name_args, check_data_channels
 from util.cli import run_tool
-from util.datasets import (ImageFileDataset, checked, class_folders, data_root, dataset_kind, image_folder_samples,
-                           list_images, no_images_error, synthetic_size)
+from util.datasets import checked, data_root, dataset_kind, synthetic_size
 from util.errors import ConfigError
 from util.features import extract_features
 from util.features import pool_tokens as pool_encoder_tokens
 from util.inference import (add_model_flags, build_model, build_view, describe_checkpoint, describe_in_words,
-                            embed_and_classify, resolve_model_flags, view_crop)
-from util.packed import describe_folder_dataset, open_packed_dataset, prepared_layout
+                            embed_and_classify, open_image_folder, resolve_model_flags, view_crop)
+from util.packed import open_packed_dataset, prepared_layout
 from util.synthetic import SyntheticCells
 
 
@@ -114,15 +113,6 @@ def vit_encoder(model):
 # --------------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------------
-def folder_samples(root: Path):
-    """(samples [(path, label)], classes): images in class sub-folders, plus images directly in `root` (label -1)."""
-    classes = class_folders(root)
-    samples = image_folder_samples(root, classes) + [(path, -1) for path in list_images(root, recursive=False)]
-    if not samples:
-        raise no_images_error(root)
-    return samples, classes
-
-
 def feature_dataset(args, geometry: dict):
     """(dataset yielding (image [C, S, S], label), paths [N], classes) with the deterministic validation view."""
     img_size, in_chans = geometry["img_size"], geometry["in_chans"]
@@ -141,10 +131,10 @@ def feature_dataset(args, geometry: dict):
         paths = [f"{slide}:{cell}" for slide, cell in zip(dataset.table["slide"].tolist(),
                                                             dataset.table["cell_id"].tolist())]
         return dataset, paths, dataset.classes
-    samples, classes = folder_samples(root)
-    dataset = describe_folder_dataset(ImageFileDataset(samples, classes, in_chans, transform), root, args,
-                                      estimate=False)
-    return checked(dataset), [str(path) for path, _ in samples], classes
+    # every image: class sub-folders (and loose images, label -1), or a prepared TIFF folder's cells by cells.csv
+    dataset, table, _ = open_image_folder(root, in_chans, transform, geometry.get("normalization"),
+                                          args.channel_names)
+    return checked(dataset), [str(root / path) for path in table["file"].tolist()], dataset.classes
 
 
 # --------------------------------------------------------------------------------------------------

@@ -39,16 +39,14 @@ import util.misc as misc
 from util.cellmap import accuracy_of, cell_map_figure, comparable
 from util.channels import add_channel_name_args, check_data_channels
 from util.cli import run_tool
-from util.datasets import ImageFileDataset, class_folders, data_root, image_folder_samples, list_images
+from util.datasets import data_root
 from util.errors import CheckpointError, ConfigError, DataError
 from util.features import gather_to_main, run_batches
-from util.filelist import FileList, check_files
 from util.inference import (add_model_flags, build_model, build_view, describe_checkpoint, describe_in_words,
-                            embed_and_classify, parse_class_names, resolve_class_names, resolve_model_flags,
-                            view_crop)
+                            embed_and_classify, open_image_folder, parse_class_names, resolve_class_names,
+                            resolve_model_flags, view_crop)
 from util.output import prepare_output_dir
-from util.packed import (CELLS_CSV, TABLE_COLUMNS, StagedOutput, describe_folder_dataset, open_packed_dataset,
-                         prepared_layout, read_cell_table, read_dataset_info, safe_name, split_positions, take_rows)
+from util.packed import TABLE_COLUMNS, StagedOutput, open_packed_dataset, prepared_layout, safe_name
 
 RESULT_FILE, PREDICTIONS_CSV, H5AD_FILE = "predict.json", "predictions.csv", "cells.h5ad"
 SPLITS = ("all", "train", "val")
@@ -142,53 +140,6 @@ def open_packed(root, args, description, view):
     return dataset, dict(dataset.table), extents, [dataset.crop_size]
 
 
-def read_file_column(root) -> np.ndarray:
-    with open(Path(root) / CELLS_CSV, newline="") as f:
-        return np.array([row.get("file") or "" for row in csv.DictReader(f)], dtype=str)
-
-
-def folder_table(root: Path, relpaths, labels, classes) -> dict:
-    """A cell table for images without one: no slide, no position; cell_id = the file's path in the folder."""
-    count = len(relpaths)
-    return dict(index=np.arange(count), slide=np.full(count, "", dtype=object).astype(str),
-                cell_id=np.array(relpaths, dtype=str), x=np.full(count, np.nan), y=np.full(count, np.nan),
-                crop_x=np.full(count, -1), crop_y=np.full(count, -1), area=np.full(count, -1),
-                label=np.array([classes[i] if i >= 0 else "" for i in labels], dtype=str),
-                split=np.full(count, "", dtype=object).astype(str), file=np.array(relpaths, dtype=str))
-
-
-def list_folder_images(root: Path, args) -> tuple:
-    """(relative paths, labels, classes, table): a prepared TIFF folder's cells (its cells.csv), or a folder's
-    images in class sub-folders (labelled) and directly in it (label -1)."""
-    if prepared_layout(root) == "tiff":
-        info, table = read_dataset_info(root), read_cell_table(root)
-        table["file"] = read_file_column(root)
-        table = take_rows(table, split_positions(table, split_of(args), root, args.split != "all"))
-        classes = list(info["classes"])
-        labels = [classes.index(label) if label in classes else -1 for label in table["label"].tolist()]
-        return table["file"].tolist(), labels, classes, table
-    classes = class_folders(root)
-    samples = image_folder_samples(root, classes) + [(path, -1) for path in list_images(root, recursive=False)]
-    if not samples:
-        raise DataError(f"--data_path {root}: no images found (class sub-folders or images directly in it)")
-    relpaths = [str(Path(path).relative_to(root)) for path, _ in samples]
-    labels = [label for _, label in samples]
-    return relpaths, labels, classes, folder_table(root, relpaths, labels, classes)
-
-
-def open_folder(root: Path, args, description, view):
-    """(ImageFileDataset, its cell table, {}, image sides): every file's header checked first (channels, size), all
-    bad files reported at once; the checkpoint's recipe applied to raw images (a prepared folder is already
-    normalised)."""
-    relpaths, labels, classes, table = list_folder_images(root, args)
-    files = FileList.from_paths(root, relpaths, labels, classes)
-    files, headers, _ = check_files(files, description["in_chans"], view.min_side)
-    dataset = ImageFileDataset(files, classes, description["in_chans"], view)
-    folder_args = argparse.Namespace(channel_names=args.channel_names, normalization=description["normalization"])
-    dataset = describe_folder_dataset(dataset, root, folder_args, estimate=False)
-    return dataset, table, {}, np.concatenate([headers.height, headers.width])
-
-
 def predict_crop(args, description: dict) -> int:
     """view_crop, at most the model's input size: the crops are that size (or resized to it with --resize)."""
     crop = view_crop(args, description)
@@ -204,8 +155,12 @@ def open_cells(args, description, crop: int):
     model: channel names, crop size, channel count. The view: centre crop `crop`, resized to the model's input."""
     root = data_root(args)
     view = build_view(description["img_size"], crop, description["mean"], description["std"], resize=args.resize)
-    opener = open_packed if prepared_layout(root) == "packed" else open_folder
-    dataset, table, extents, sides = opener(root, args, description, view)
+    if prepared_layout(root) == "packed":
+        dataset, table, extents, sides = open_packed(root, args, description, view)
+    else:
+        dataset, table, sides = open_image_folder(root, description["in_chans"], view, description["normalization"],
+                                                  args.channel_names, split_of(args), args.split != "all")
+        extents = {}
     check_data_channels(description["channel_names"], dataset, args, f"checkpoint {args.checkpoint}")
     check_crop_size(sides, crop, description["img_size"], root, args.resize)
     if len(dataset) < misc.get_world_size():

@@ -464,3 +464,15 @@ def required_flags(parser) -> list:
         if action.required:
             flags += [action.option_strings[0], "x"]
     return flags
+
+
+def test_extract_features_labels_a_prepared_tiff_folder_by_its_cell_table(nuclei, tmp_path):
+    """prepare_cells.py --format tiff puts the cells under train/ and val/: their classes come from cells.csv."""
+    out = tmp_path / "tiff.npz"
+    argv = ["--checkpoint", str(nuclei["classifier"]), "--data_path", str(nuclei["tiff"]), "--num_workers", "0",
+            "--device", "cpu", "--out", str(out)]
+    features = np.load(extract_features.main(extract_features.get_args_parser().parse_args(argv)))
+    assert list(features["classes"]) == sorted(CLASSES) and len(features["labels"]) == 125
+    rows = read_rows(nuclei["tiff"] / "cells.csv")
+    expected = {str(nuclei["tiff"] / row["file"]): sorted(CLASSES).index(row["label"]) for row in rows}
+    assert {str(p): int(label) for p, label in zip(features["paths"], features["labels"])} == expected

@@ -20,7 +20,10 @@ embedding of an image is `model.forward_head(model.forward_features(x), pre_logi
 A classifier's pooling is fixed by its weights (fc_norm or not); an encoder's is chosen with --pool.
 """
 import argparse
+import csv
+from pathlib import Path
 
+import numpy as np
 import torch
 
 import models_vit
@@ -28,7 +31,11 @@ from models_dama import ARCH_CONFIGS
 from util.checkpoint import fill_from_checkpoint, load_model_strict
 from util.convert import (checkpoint_args, check_shapes, encoder_metadata, fit_pos_embed, read_encoder,
                           strip_prefix, DDP_PREFIX)
-from util.errors import CheckpointError, ConfigError
+from util.datasets import ImageFileDataset, class_folders, image_folder_samples, list_images
+from util.errors import CheckpointError, ConfigError, DataError
+from util.filelist import FileList, check_files
+from util.packed import (CELLS_CSV, describe_folder_dataset, prepared_layout, read_cell_table, read_dataset_info,
+                         split_positions, take_rows)
 from util.features import DEFAULT_POOL
 from util.transforms import DEFAULT_VAL_CROP, CentreCropResize, TensorTransform, dtype_scale
 from util.transforms import resize as resize_to
@@ -228,3 +235,53 @@ class PredictionView(TensorTransform):
         return x if self.mean is None else (x - self.mean) / self.std
 
 
+# --------------------------------------------------------------------------------------------------
+# Image folders (predict_cells.py, extract_features.py)
+# --------------------------------------------------------------------------------------------------
+def read_file_column(root) -> np.ndarray:
+    with open(Path(root) / CELLS_CSV, newline="") as f:
+        return np.array([row.get("file") or "" for row in csv.DictReader(f)], dtype=str)
+
+
+def folder_table(root: Path, relpaths, labels, classes) -> dict:
+    """A cell table for images without one: no slide, no position; cell_id = the file's path in the folder."""
+    count = len(relpaths)
+    return dict(index=np.arange(count), slide=np.full(count, "", dtype=object).astype(str),
+                cell_id=np.array(relpaths, dtype=str), x=np.full(count, np.nan), y=np.full(count, np.nan),
+                crop_x=np.full(count, -1), crop_y=np.full(count, -1), area=np.full(count, -1),
+                label=np.array([classes[i] if i >= 0 else "" for i in labels], dtype=str),
+                split=np.full(count, "", dtype=object).astype(str), file=np.array(relpaths, dtype=str))
+
+
+def list_folder_images(root: Path, split=None, require_split: bool = False) -> tuple:
+    """(relative paths, labels, classes, table): a prepared TIFF folder's cells (its cells.csv: the class of each
+    cell, whatever split folder holds it; `split` picks one), or a folder's images in class sub-folders (labelled)
+    and directly in it (label -1)."""
+    if prepared_layout(root) == "tiff":
+        info, table = read_dataset_info(root), read_cell_table(root)
+        table["file"] = read_file_column(root)
+        table = take_rows(table, split_positions(table, split, root, require_split))
+        classes = list(info["classes"])
+        labels = [classes.index(label) if label in classes else -1 for label in table["label"].tolist()]
+        return table["file"].tolist(), labels, classes, table
+    classes = class_folders(root)
+    samples = image_folder_samples(root, classes) + [(path, -1) for path in list_images(root, recursive=False)]
+    if not samples:
+        raise DataError(f"--data_path {root}: no images found (class sub-folders or images directly in it)")
+    relpaths = [str(Path(path).relative_to(root)) for path, _ in samples]
+    labels = [label for _, label in samples]
+    return relpaths, labels, classes, folder_table(root, relpaths, labels, classes)
+
+
+def open_image_folder(root: Path, in_chans: int, view, normalization=None, channel_names=None, split=None,
+                      require_split: bool = False):
+    """(ImageFileDataset, its cell table, image sides): every file's header checked first (channels, size), all
+    bad files reported at once; the checkpoint's recipe applied to raw images (a prepared folder is already
+    normalised)."""
+    relpaths, labels, classes, table = list_folder_images(root, split, require_split)
+    files = FileList.from_paths(root, relpaths, labels, classes)
+    files, headers, _ = check_files(files, in_chans, view.min_side)
+    dataset = ImageFileDataset(files, classes, in_chans, view)
+    folder_args = argparse.Namespace(channel_names=channel_names, normalization=normalization)
+    dataset = describe_folder_dataset(dataset, root, folder_args, estimate=False)
+    return dataset, table, np.concatenate([headers.height, headers.width])
