@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from util.channels import add_channel_name_args
-from util.cli import run_tool
+from util.cli import CommandLineParser, DescribedHelpFormatter, run_tool
 from util.convert import export_channel_names, export_encoder, timm_config
 from util.errors import ConfigError
 from util.inference import (add_model_flags, build_model, describe_checkpoint, describe_in_words, parse_class_names,
@@ -36,8 +36,7 @@ WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("DAMA checkpoint export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandLineParser(Path(__file__).name, description=__doc__, formatter_class=DescribedHelpFormatter)
     parser.add_argument("--input", required=True,
                         help="pretraining, fine-tuning, linear-probe or exported checkpoint")
     parser.add_argument("--output", required=True,

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from util.channels import add_channel_name_args, check_data_channels
-from util.cli import run_tool
+from util.cli import CommandLineParser, DescribedHelpFormatter, run_tool
 from util.datasets import checked, data_root, dataset_kind, synthetic_size
 from util.errors import ConfigError
 from util.features import extract_features
@@ -43,8 +43,7 @@ from util.synthetic import SyntheticCells
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("DAMA feature extraction", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandLineParser(Path(__file__).name, description=__doc__, formatter_class=DescribedHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="pretraining, exported or fine-tuned checkpoint")
     parser.add_argument("--out", default=None,
                         help=".npz file to write (default: <checkpoint stem>-features-<data>.npz next to the "

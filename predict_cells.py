@@ -38,7 +38,7 @@ import torch
 import util.misc as misc
 from util.cellmap import accuracy_of, cell_map_figure, comparable
 from util.channels import add_channel_name_args, check_data_channels
-from util.cli import run_tool
+from util.cli import CommandLineParser, DescribedHelpFormatter, run_tool
 from util.datasets import data_root
 from util.errors import CheckpointError, ConfigError, DataError
 from util.features import gather_to_main, run_batches
@@ -54,8 +54,7 @@ GATHER_CHUNK_ROWS = 8192  # rows per collective when rank 0 collects the results
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("DAMA cell prediction", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandLineParser(Path(__file__).name, description=__doc__, formatter_class=DescribedHelpFormatter)
     parser.add_argument("--checkpoint", required=True,
                         help="fine-tuned classifier (main_finetune.py / main_linprobe.py), or with --embed_only a "
                              "pretraining checkpoint or an encoder exported by convert_checkpoint.py")

@@ -15,7 +15,6 @@ Output (--output_dir, written to a temporary folder and renamed at the end): cel
 (memory-mappable), cells.csv (one row per crop), dataset.json (channel names, crop size, normalisation recipe,
 classes, counts, format version); see util/packed.py. --format tiff writes train/<class>/*.tif instead of cells.npy.
 """
-import argparse
 import sys
 import time
 from collections import Counter
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from util.channels import parse_channel_names
-from util.cli import CommandLineParser, run_tool
+from util.cli import CommandLineParser, DescribedHelpFormatter, run_tool
 from util.errors import ConfigError, DataError
 from util.normalize import (DEFAULT_PERCENTILES, apply_recipe, check_percentiles, none_recipe, percentile_recipe,
                             sample_pixels)
@@ -39,8 +38,7 @@ PIXELS_PER_SAMPLED_CELL = 1024  # normalisation sample: this many random pixels 
 
 
 def get_args_parser():
-    parser = CommandLineParser("prepare_cells.py", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandLineParser("prepare_cells.py", description=__doc__, formatter_class=DescribedHelpFormatter)
     inputs = parser.add_argument_group("inputs")
     inputs.add_argument("--image", action="append", required=True,
                         help="slide: multi-channel TIFF / OME-TIFF, folder of per-marker TIFFs, or OME-Zarr; "

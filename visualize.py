@@ -17,7 +17,7 @@ import torch
 import main_pretrain
 from models_dama import ARCHS
 from util.checkpoint import fill_from_checkpoint, load_checkpoint
-from util.cli import run_tool
+from util.cli import CommandLineParser, DescribedHelpFormatter, run_tool
 from util.datasets import build_pretrain_dataset
 from util.errors import CheckpointError
 from util.transforms import build_finetune_transform
@@ -30,8 +30,7 @@ MODEL_FLAGS = ("arch", "patch_size", "in_chans")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("DAMA reconstruction figure", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandLineParser(Path(__file__).name, description=__doc__, formatter_class=DescribedHelpFormatter)
     parser.add_argument("--checkpoint", "--resume", dest="checkpoint", required=True,
                         help="pretraining checkpoint (checkpoint.pth; keeps both decoders)")
     parser.add_argument("--out", default="reconstruction.png", help="PNG to write")

@@ -107,6 +107,10 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return text + " (default: %(default)s)"
 
 
+class DescribedHelpFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
+    """HelpFormatter that keeps a script's description (its docstring with example commands) as written."""
+
+
 class CommandLineParser(argparse.ArgumentParser):
     """argparse for the scripts: defaults in --help, and a mistake in the flags is one `error: ...` line and exit
     code 2, like every other user error (instead of argparse's usage dump)."""
