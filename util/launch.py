@@ -328,9 +328,10 @@ def submit(args, main_module: str):
 def follow_local_job(job, num_tasks: int, poll_s: float = 0.5) -> None:
     """Stream rank 0's output until the job ends, then say how it ended; JobFailed naming every rank that failed.
 
-    Ctrl-C stops the job the way a cluster does (each task writes checkpoint.pth at the next step, then stops).
+    Ctrl-C cancels the job (SIGINT to every task); running the same command again resumes from the last
+    checkpoint.pth it wrote (an epoch end or a --save_every_* save).
     """
-    print("Following the job here (Ctrl-C stops it after a checkpoint; --detach returns at once). Rank 0:",
+    print("Following the job here (Ctrl-C cancels it; --detach returns at once). Rank 0:",
           flush=True)
     stdout, position = job.task(0).paths.stdout, 0
     try:

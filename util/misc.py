@@ -182,7 +182,8 @@ def default_num_workers() -> int:
 
 
 def seed_everything(seed: int) -> int:
-    """Seed torch, numpy and random with seed + rank (so ranks draw different masks/augmentations)."""
+    """Seed torch, numpy and random with seed + rank: the model's initialisation (DDP broadcasts rank 0's) and anything
+    not seeded per sample (util.sampling.SeededSamples) or per step (util.sampling.seed_step)."""
     seed = int(seed) + get_rank()
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)  # numpy only accepts 32-bit seeds
@@ -435,8 +436,9 @@ def accumulation_step(step: int, steps_per_epoch: int, accum_iter: int):
     """(divisor, update) for training step `step` with gradient accumulation, one rule for both engines.
 
     Steps are grouped by `accum_iter` from the epoch's start; the optimizer steps after the last step of each
-    group, and each loss is divided by its group's size, so a short last group (an epoch whose length is not a
-    multiple of accum_iter) gets the same weight per sample as the others instead of being dropped.
+    group, and each batch's (mean) loss is divided by its group's size, so the batches of a group weigh equally and
+    a short last group (an epoch whose length is not a multiple of accum_iter) is averaged over its own batches
+    instead of being dropped or scaled down.
     """
     group_start = step - step % accum_iter
     group_size = min(accum_iter, steps_per_epoch - group_start)
