@@ -197,6 +197,22 @@ def test_resume_restores_model_optimizer_and_start_epoch(tmp_path):
     assert torch.equal(restored_state[0]["exp_avg"], saved_state[0]["exp_avg"])
 
 
+@pytest.mark.parametrize("resumed_world_size, start_step", [(2, 3), (4, 0)])
+def test_resume_mid_epoch_continues_only_with_the_same_world_size(tmp_path, capsys, resumed_world_size, start_step):
+    """An epoch's batches are dealt to the processes, so the rest of an epoch checkpointed by 2 processes is other
+    images for 4: the epoch starts over (and its partial statistics are dropped) instead of skipping 3 steps."""
+    model, optimizer = small_training_setup(seed=0)
+    train_one_step(model, optimizer)
+    ckpt_util.save_model(run_args(tmp_path, world_size=2), 4, model, optimizer, None,
+                         extra={"step": 3, "epoch_state": {"loss": 1.5}})
+
+    args = run_args(tmp_path, resume=str(tmp_path / "checkpoint.pth"), world_size=resumed_world_size)
+    checkpoint = ckpt_util.resume(args, *small_training_setup(seed=1), None)
+    assert (args.start_epoch, args.start_step) == (4, start_step)
+    assert ("epoch_state" in checkpoint) == (start_step == 3)
+    assert ("epoch 4 starts over" in capsys.readouterr().out) == (start_step == 0)
+
+
 def test_resume_with_nothing_to_resume_returns_empty(tmp_path):
     model, optimizer = small_training_setup()
     args = run_args(tmp_path)
