@@ -1,5 +1,4 @@
 """One fine-tuning epoch and one evaluation pass (MAE's engine_finetune, with fewer host syncs)."""
-import math
 
 import torch
 import torch.nn.functional as F
@@ -7,7 +6,7 @@ from timm.utils import accuracy
 
 import util.lr_sched as lr_sched
 import util.misc as misc
-from util.errors import DataError, NonFiniteLossError
+from util.errors import DataError
 from util.run_control import is_sync_point
 from util.sampling import seed_step
 
@@ -17,14 +16,6 @@ PRINT_FREQ = 20
 def current_lr(optimizer) -> float:
     # the head group has lr_scale 1, so the max over groups is the schedule's lr
     return max(group["lr"] for group in optimizer.param_groups)
-
-
-def check_finite(mean_loss: float, epoch: int, step: int) -> None:
-    """Raises on a NaN/inf window mean; the value is all-reduced, so every rank stops at the same step."""
-    if not math.isfinite(mean_loss):
-        raise NonFiniteLossError(
-            f"training loss became {mean_loss} by epoch {epoch} iteration {step}; stopping without writing a "
-            f"checkpoint (try a lower --blr/--lr, --clip_grad, or --amp_dtype none)")
 
 
 def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int, loss_scaler, args,
@@ -72,7 +63,8 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int
             requests = checkpoints.local_requests() if checkpoints is not None else []
             window_steps = losses.count
             means, requests = losses.sync(requests)
-            check_finite(means["loss"], epoch, step)
+            misc.check_finite({"loss": means["loss"]}, epoch, step,
+                               "Try a lower --blr/--lr, --clip_grad, or --amp_dtype none.")
             metric_logger.meters["loss"].update(means["loss"], n=window_steps)
             metric_logger.update(lr=current_lr(optimizer))
             if log_writer is not None:

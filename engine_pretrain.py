@@ -1,8 +1,6 @@
 """One epoch of DAMA pretraining."""
-import math
 
 import util.misc as misc
-from util.errors import NonFiniteLossError
 from util.lr_sched import adjust_learning_rate
 from util.run_control import is_sync_point
 from util.sampling import seed_step
@@ -11,14 +9,6 @@ from util.sampling import seed_step
 def info_weight_for_epoch(epoch: int, args) -> float:
     """The regression term is left out (weight 0) during the first --stable_epoch epochs."""
     return 0.0 if epoch < args.stable_epoch else 1.0
-
-
-def check_finite(values: dict, epoch: int, step: int) -> None:
-    if not all(math.isfinite(v) for v in values.values()):
-        terms = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
-        raise NonFiniteLossError(
-            f"non-finite loss at epoch {epoch}, step {step} ({terms}); stopping without saving. "
-            f"The last good checkpoint is kept; lower --blr or try --amp_dtype fp16/none.")
 
 
 def train_one_epoch(model, data_loader, optimizer, device, epoch, loss_scaler, log_writer=None, args=None,
@@ -67,7 +57,7 @@ def train_one_epoch(model, data_loader, optimizer, device, epoch, loss_scaler, l
             requests = checkpoints.local_requests() if checkpoints is not None else []
             window_steps = losses.count
             means, requests = losses.sync(requests)  # the one collective and the one host sync
-            check_finite(means, epoch, step)  # identical values on every rank: all stop together
+            misc.check_finite(means, epoch, step, "Lower --blr, or try --amp_dtype fp16/none.")  # identical values on every rank: all stop together
             for k, v in means.items():
                 metric_logger.meters[k].update(v, n=window_steps)
             metric_logger.update(lr=lr)

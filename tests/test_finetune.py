@@ -242,7 +242,7 @@ def test_non_finite_loss_stops_training():
                      epochs=1)
     loader = [(torch.randn(4, 3), torch.randint(0, 5, (4,)))] * 3
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    with pytest.raises(NonFiniteLossError, match="loss became nan by epoch 0 iteration 0; stopping without writing a checkpoint"):
+    with pytest.raises(NonFiniteLossError, match="non-finite loss at epoch 0, step 0 \\(loss=nan\\); stopping without writing a checkpoint"):
         train_one_epoch(model, nn.CrossEntropyLoss(), loader, optimizer, "cpu", 0,
                         main_finetune.misc.LossScaler("none", "cpu"), args)
 

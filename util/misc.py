@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from util.errors import ConfigError, LaunchError
+from util.errors import ConfigError, LaunchError, NonFiniteLossError
 
 # The interpreter's own print, kept so that the override below can be installed (and undone) any number of times.
 _BUILTIN_PRINT = builtins.print
@@ -443,6 +443,15 @@ def accumulation_step(step: int, steps_per_epoch: int, accum_iter: int):
     group_start = step - step % accum_iter
     group_size = min(accum_iter, steps_per_epoch - group_start)
     return group_size, step == group_start + group_size - 1
+
+
+def check_finite(values: dict, epoch: int, step: int, advice: str) -> None:
+    """Raises NonFiniteLossError when a window mean is NaN/inf. The values are all-reduced, so every rank stops at the
+    same step; nothing is saved, so the last good checkpoint stays."""
+    if not all(math.isfinite(v) for v in values.values()):
+        terms = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+        raise NonFiniteLossError(f"non-finite loss at epoch {epoch}, step {step} ({terms}); stopping without writing "
+                                 f"a checkpoint, the last good one is kept. {advice}")
 
 
 def append_json_log(output_dir, stats: dict):
