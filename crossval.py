@@ -5,17 +5,23 @@
         -- --arch main_vit_base --img_size 128 --epochs 150 --blr 5e-4 ...
 
 The labelled images (ImageFolder: all of <data_path>/train and, when present, <data_path>/val, pooled; or
-<data_path>/<class>/ directly) are split into --folds folds, stratified by class, seeded by --seed and, with
---group_by, grouped (no group, e.g. one animal's or one section's crops, lands on both sides of a split). Each
-fold's training part is split again the same way into train and an inner validation set (--val_fraction). The
-split is saved as file lists in <output_dir>/folds.json (reused by later calls, so every row sees the same folds).
+<data_path>/<class>/ directly), or the labelled cells of a packed cell dataset (prepare_cells.py: dataset.json,
+cells.npy, cells.csv; all its splits pooled), are split into --folds folds, stratified by class, seeded by --seed
+and, with --group_by, grouped (no group, e.g. one animal's, one section's or one slide's crops, lands on both sides
+of a split): 'parent' (folders) or a column of a prepared dataset's cells.csv (e.g. slide; prepare_cells.py
+--format tiff folders find each image's row by the table's file column). Each fold's training part is split again
+the same way into train and an inner validation set (--val_fraction). The split is saved in
+<output_dir>/folds.json, every sample (an image's path or a packed cell's index) with its label and group (reused
+by later calls, so every row sees the same folds).
 
-For each checkpoint and fold i, main_finetune.py (or main_linprobe.py) runs on a tree of symlinks
-<output_dir>/fold_data/fold_<i>/{train,val,test}/<class>/: it chooses the epoch (checkpoint-best) on val, the inner
-validation set, and scores test, fold i, once at that choice (--metric val, the default). --metric last takes the
-last epoch's accuracy on fold i (no selection); --metric max_test the best epoch's accuracy on fold i, the
-reference's number, which selects on the test data (the table says so). Both train on the whole training part
-(fold_data_no_inner_val/, runs_no_inner_val/). Everything after `--` goes to the training script unchanged.
+For each checkpoint and fold i, main_finetune.py (or main_linprobe.py) runs on <output_dir>/fold_data/fold_<i>/: a
+tree of symlinks {train,val,test}/<class>/ for images, or for a packed dataset a packed dataset of its own (cells.npy
+linked to the source's, dataset.json copied, cells.csv with the split column set to train / val / test). It chooses
+the epoch (checkpoint-best) on val, the inner validation set, and scores test, fold i, once at that choice (--metric
+val, the default). --metric last takes the last epoch's accuracy on fold i (no selection); --metric max_test the
+best epoch's accuracy on fold i, the reference's number, which selects on the test data (the table says so). Both
+train on the whole training part (fold_data_no_inner_val/, runs_no_inner_val/). Everything after `--` goes to the
+training script unchanged.
 
 The "Random init." row (`random`) fine-tunes from the pretraining model before training: --random_init (a
 pretraining run's checkpoint-init.pth, main_pretrain.py --save_init) or, by default, what main_pretrain.py
@@ -38,6 +44,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +55,11 @@ from util.errors import UserError
 
 REPO = Path(__file__).resolve().parent
 FOLDS_FILE = "folds.json"
-FOLDS_FORMAT = 2  # 2: per fold its test, train and inner validation lists, and every sample's group
+# 3: per fold its test, train and inner validation lists (every sample with its label and group), and the data
+# layout: FOLDER and TIFF samples are image paths, PACKED ones cell indices; 2 is 3 without layout (a folder)
+FOLDS_FORMAT = 3
+READABLE_FOLDS_FORMATS = (2, 3)
+FOLDER, TIFF, PACKED = "folder", "tiff", "packed"
 MODES = {"finetune": "main_finetune", "linprobe": "main_linprobe"}
 RANDOM = "random"
 RANDOM_ROW_NAME = "Random init."
@@ -79,8 +90,9 @@ def get_args_parser():
     parser = CommandLineParser(
         "crossval.py", usage="crossval.py [options] -- [flags of main_finetune.py / main_linprobe.py]",
         description="DAMA cross-validation")
-    parser.add_argument("--data_path", default=None, help="labelled ImageFolder: <data_path>/{train,val}/<class>/ "
-                                                          "or <data_path>/<class>/")
+    parser.add_argument("--data_path", default=None,
+                        help="labelled ImageFolder: <data_path>/{train,val}/<class>/ or <data_path>/<class>/, or a "
+                             "packed cell dataset (prepare_cells.py; its labelled cells, all splits pooled)")
     parser.add_argument("--dataset", default="folder", choices=("folder", "synthetic"))
     parser.add_argument("--synthetic_size", default=500, type=int, help="images of --dataset synthetic")
     parser.add_argument("--synthetic_img_size", default=64, type=int, help="side of the synthetic images")
@@ -90,8 +102,9 @@ def get_args_parser():
     parser.add_argument("--group_by", default=None,
                         help="keep groups together: 'parent' (the image's folder below its class folder, for "
                              "<class>/<group>/<image> layouts, e.g. one folder per animal or section), or a column "
-                             "of a packed cell dataset's cells.csv (e.g. slide); no group is on both sides of a "
-                             "fold or of the inner validation split (default: every image on its own)")
+                             "of a prepared cell dataset's cells.csv (e.g. slide; packed, or prepare_cells.py --format "
+                             "tiff); no group is on both sides of a fold or of the inner validation split (default: "
+                             "every image on its own)")
     parser.add_argument("--val_fraction", default=0.1, type=float,
                         help="share of each fold's training part held out as the inner validation set that "
                              "chooses the epoch (--metric val)")
@@ -156,10 +169,44 @@ def parse_checkpoints(items):
 
 
 # --------------------------------------------------------------------------------------------------
-# Labelled samples and folds
+# Labelled samples
 # --------------------------------------------------------------------------------------------------
+def data_layout(args) -> str:
+    """FOLDER (images in class folders, or the synthetic set), TIFF (the same written by prepare_cells.py --format
+    tiff, with its cells.csv) or PACKED (prepare_cells.py's cells.npy): read from <data_path>/dataset.json."""
+    from util.packed import prepared_layout
+
+    if args.dataset == "synthetic" or not args.data_path:
+        return FOLDER
+    return prepared_layout(Path(args.data_path).expanduser()) or FOLDER
+
+
+def data_source(args) -> str:
+    """What the split is of, as folds.json records it: the resolved --data_path, or the synthetic set's settings."""
+    if args.dataset == "synthetic":
+        return (f"synthetic(size={args.synthetic_size}, img_size={args.synthetic_img_size}, "
+                f"in_chans={args.in_chans}, seed={args.seed})")
+    if not args.data_path:
+        raise CrossvalError("--data_path is not set; expected a labelled folder or a packed cell dataset (or use "
+                            "--dataset synthetic)")
+    return str(Path(args.data_path).expanduser().resolve())
+
+
+def labelled_samples(args, layout: str):
+    """(samples, classes, rows): samples [(key, label)], the key an image's absolute path or, for a packed dataset,
+    a cell's index in cells.npy; rows: each sample's cells.csv row (dict) for a prepared dataset, else None."""
+    if args.dataset == "synthetic":
+        return (*synthetic_samples(args), None)
+    if layout == PACKED:
+        return packed_samples(args.data_path)
+    samples, classes = folder_samples(args.data_path)
+    if layout == TIFF:
+        return tiff_samples(args.data_path, samples, classes)
+    return samples, classes, None
+
+
 def folder_samples(data_path):
-    """(samples [(absolute path, label)], classes, source) of a labelled folder, train/ and val/ pooled."""
+    """(samples [(absolute path, label)], classes) of a labelled folder, train/ and val/ pooled."""
     from util.datasets import class_folders, image_folder_samples  # torch-heavy: imported when needed
 
     root = Path(data_path).expanduser().resolve()
@@ -169,9 +216,10 @@ def folder_samples(data_path):
     classes = class_folders(splits[0])
     if not classes:
         raise CrossvalError(f"--data_path {data_path}: no class folders in {splits[0]}; expected "
-                            f"<data_path>/train/<class>/<image> or <data_path>/<class>/<image>")
+                            f"<data_path>/train/<class>/<image>, <data_path>/<class>/<image> or a packed cell "
+                            f"dataset (dataset.json, cells.npy, cells.csv from prepare_cells.py)")
     samples = [(str(path), label) for split in splits for path, label in image_folder_samples(split, classes)]
-    return samples, classes, str(root)
+    return samples, classes
 
 
 def synthetic_samples(args):
@@ -189,22 +237,86 @@ def synthetic_samples(args):
             path.parent.mkdir(parents=True, exist_ok=True)
             tifffile.imwrite(path, dataset.render(index), photometric="minisblack")
         samples.append((str(path), label))
-    source = (f"synthetic(size={args.synthetic_size}, img_size={args.synthetic_img_size}, "
-              f"in_chans={args.in_chans}, seed={args.seed})")
-    return samples, list(dataset.classes), source
+    return samples, list(dataset.classes)
+
+
+def packed_samples(data_path):
+    """(samples [(cell index, label)], classes, rows) of a packed cell dataset: its labelled cells, every split
+    pooled (the split prepare_cells.py wrote is not used); classes from dataset.json."""
+    from util.packed import CELLS_NPY, read_dataset_info
+
+    root = Path(data_path).expanduser().resolve()
+    classes = list(read_dataset_info(root)["classes"])
+    if not (root / CELLS_NPY).is_file():
+        raise CrossvalError(f"--data_path {data_path}: {root / CELLS_NPY} is missing; prepare the data again")
+    _, rows = read_cell_table(root, "--data_path")
+    class_index = {name: i for i, name in enumerate(classes)}
+    samples, labelled = [], []
+    for row in rows:
+        if not row.get("label"):
+            continue  # an unlabelled cell has no class to predict
+        if row["label"] not in class_index:
+            raise CrossvalError(f"{root / 'cells.csv'}: cell {row.get('index')} has label {row['label']!r}, which is "
+                                f"not one of the classes {classes} in {root / 'dataset.json'}")
+        samples.append((cell_index(row, root), class_index[row["label"]]))
+        labelled.append(row)
+    if not samples:
+        raise CrossvalError(f"--data_path {data_path}: none of the {len(rows)} cells has a label; cross-validation "
+                            f"needs classes (prepare_cells.py --label_col)")
+    return samples, classes, labelled
+
+
+def cell_index(row: dict, root: Path) -> int:
+    try:
+        return int(row["index"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CrossvalError(f"{root / 'cells.csv'}: the index column holds {row.get('index')!r}, not a cell "
+                            f"index") from exc
+
+
+def tiff_samples(data_path, samples, classes):
+    """(samples, classes, rows) of a prepared folder (prepare_cells.py --format tiff): each image's cells.csv row
+    found by its `file` column (the path below data_path; the listing order is not the table's), unlabelled cells
+    (its unlabelled/ folder) left out. rows is None for a cells.csv without `file`: then no column can group."""
+    root = Path(data_path).expanduser().resolve()
+    columns, rows = read_cell_table(root, "--data_path")
+    if "file" not in columns:
+        return samples, classes, None
+    by_file = {Path(row["file"]).as_posix(): row for row in rows}
+    files = [Path(path).relative_to(root).as_posix() for path, _ in samples]
+    missing = [file for file in files if file not in by_file]
+    if missing:
+        raise CrossvalError(f"--data_path {data_path}: {len(missing)} image(s) have no row in {root / 'cells.csv'} "
+                            f"(e.g. {missing[0]}, looked up in its file column); prepare the data again")
+    sample_rows = [by_file[file] for file in files]
+    keep = [i for i, row in enumerate(sample_rows) if row.get("label")]
+    if len(keep) < len(samples):
+        print(f"note: leaving out the {len(samples) - len(keep)} unlabelled cells of {data_path}")
+    used = sorted({samples[i][1] for i in keep})  # class folders that still hold images, in their order
+    relabel = {old: new for new, old in enumerate(used)}
+    return ([(samples[i][0], relabel[samples[i][1]]) for i in keep], [classes[c] for c in used],
+            [sample_rows[i] for i in keep])
 
 
 # --------------------------------------------------------------------------------------------------
 # Groups
 # --------------------------------------------------------------------------------------------------
-def group_keys(data_path, samples, group_by) -> list:
-    """One group key per sample: its own path without --group_by; 'parent': the folder below its class folder
-    (<class>/<group>/.../<image>); another name: that column of a packed dataset's cells.csv."""
+def group_keys(args, samples, rows, layout: str) -> list:
+    """One group key per sample: without --group_by the sample itself; 'parent': the folder below its class folder
+    (<class>/<group>/.../<image>); another name: that column of the sample's row in a prepared dataset's cells.csv
+    (rows, matched to the samples by labelled_samples)."""
+    group_by = args.group_by
     if not group_by:
-        return [path for path, _ in samples]
+        return [str(key) for key, _ in samples]
     if group_by == "parent":
-        return parent_groups(data_path, samples)
-    return cell_table_groups(data_path, group_by, len(samples))
+        if layout == PACKED:
+            raise CrossvalError(f"--group_by parent: {args.data_path} is a packed cell dataset, without image folders; "
+                                f"group by a column of its cells.csv instead, e.g. --group_by slide")
+        return parent_groups(args.data_path, samples)
+    if rows is None:  # a prepared tiff folder whose cells.csv has no file column
+        raise CrossvalError(f"--group_by {group_by}: {Path(args.data_path) / 'cells.csv'} has no 'file' column to "
+                            f"find each image's row; prepare the data again with prepare_cells.py --format tiff")
+    return [row[group_by] for row in rows]
 
 
 def parent_groups(data_path, samples) -> list:
@@ -227,42 +339,31 @@ def parent_groups(data_path, samples) -> list:
     return keys
 
 
-def read_cell_table(data_path, column: str):
-    """(columns, rows) of <data_path>/cells.csv, the cell table of a packed dataset (<data_path>/dataset.json)."""
-    root = Path(data_path).expanduser() if data_path else None
-    if root is None or not (root / "dataset.json").is_file():
-        raise CrossvalError(f"--group_by {column}: expected 'parent' for a folder of images, or a column of cells.csv "
-                            f"in a packed cell dataset (a --data_path holding dataset.json); {root} holds no "
-                            "dataset.json")
-    table = root / "cells.csv"
+def read_cell_table(root: Path, flag: str):
+    """(columns, rows as dicts, every column kept) of <root>/cells.csv, the cell table of a prepared dataset;
+    `flag` names what asked for it in the error."""
+    table = Path(root) / "cells.csv"
     try:
         with open(table, newline="") as f:
             reader = csv.DictReader(f)
             return list(reader.fieldnames or []), list(reader)
     except OSError as exc:
-        raise CrossvalError(f"--group_by {column}: cannot read {table} ({exc})") from exc
+        raise CrossvalError(f"{flag}: cannot read {table} ({exc})") from exc
 
 
 def cell_table_columns(data_path, column: str) -> list:
-    """The columns of the cell table; CrossvalError naming them when `column` is not one of them."""
-    columns, _ = read_cell_table(data_path, column)
+    """The columns of a prepared dataset's cell table; CrossvalError naming them when `column` is not one of them,
+    or naming the choices when data_path holds no prepared dataset."""
+    root = Path(data_path).expanduser() if data_path else None
+    if root is None or not (root / "dataset.json").is_file():
+        raise CrossvalError(f"--group_by {column}: expected 'parent' for a folder of images, or a column of cells.csv "
+                            f"in a packed cell dataset (a --data_path holding dataset.json); {root} holds no "
+                            "dataset.json")
+    columns, _ = read_cell_table(root, f"--group_by {column}")
     if column not in columns:
-        raise CrossvalError(f"--group_by {column}: {Path(data_path) / 'cells.csv'} has no column {column!r}; its "
+        raise CrossvalError(f"--group_by {column}: {root / 'cells.csv'} has no column {column!r}; its "
                             f"columns are {', '.join(columns)}")
     return columns
-
-
-def cell_table_groups(data_path, column: str, num_samples: int) -> list:
-    """Column `column` of <data_path>/cells.csv for a packed cell dataset (<data_path>/dataset.json), one value
-    per sample in the order of the table's `index` column."""
-    columns = cell_table_columns(data_path, column)
-    _, rows = read_cell_table(data_path, column)
-    table = Path(data_path) / "cells.csv"
-    if len(rows) != num_samples:
-        raise CrossvalError(f"--group_by {column}: {table} has {len(rows)} rows for {num_samples} samples")
-    if "index" in columns:
-        rows.sort(key=lambda row: int(row["index"]))
-    return [row[column] for row in rows]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -336,23 +437,22 @@ def inner_split(train_part, labels, groups, val_fraction: float, seed: int, fold
 
 
 def make_folds(args) -> dict:
-    """The split as stored in folds.json: source, classes and, per fold, its test, train and val samples."""
+    """The split as stored in folds.json: source, data layout, classes and, per fold, its test, train and val
+    samples (each with its label and group; an image by its path, a packed dataset's cell by its index)."""
     if args.group_by not in (None, "parent"):  # a cell-table column: named wrongly, it fails before any listing
         cell_table_columns(args.data_path, args.group_by)
-    if args.dataset == "synthetic":
-        samples, classes, source = synthetic_samples(args)
-    elif not args.data_path:
-        raise CrossvalError("--data_path is not set; expected a labelled folder (or use --dataset synthetic)")
-    else:
-        samples, classes, source = folder_samples(args.data_path)
-    groups = group_keys(args.data_path, samples, args.group_by)
+    source = data_source(args)
+    layout = data_layout(args)
+    samples, classes, rows = labelled_samples(args, layout)
+    groups = group_keys(args, samples, rows, layout)
     check_group_count(groups, args.folds, "--folds", args.group_by)
     check_class_sizes(samples, classes, args.folds)
     labels = [label for _, label in samples]
     test_folds = stratified_group_folds(labels, groups, args.folds, args.seed)
+    key = "index" if layout == PACKED else "path"
 
     def entries(indices):
-        return [{"path": samples[i][0], "label": samples[i][1], "group": groups[i]} for i in indices]
+        return [{key: samples[i][0], "label": samples[i][1], "group": groups[i]} for i in indices]
 
     folds = []
     for fold, test in enumerate(test_folds):
@@ -361,33 +461,41 @@ def make_folds(args) -> dict:
         train, val = inner_split(train_part, labels, groups, args.val_fraction, args.seed + 1 + fold, fold,
                                  args.group_by)
         folds.append({"test": entries(test), "train": entries(train), "val": entries(val)})
-    return {"format": FOLDS_FORMAT, "source": source, "num_folds": args.folds, "seed": args.seed,
-            "group_by": args.group_by, "val_fraction": args.val_fraction, "classes": classes, "folds": folds}
+    return {"format": FOLDS_FORMAT, "source": source, "data_layout": layout, "num_folds": args.folds,
+            "seed": args.seed, "group_by": args.group_by, "val_fraction": args.val_fraction, "classes": classes,
+            "folds": folds}
 
 
 def split_settings(args) -> dict:
-    return {"format": FOLDS_FORMAT, "num_folds": args.folds, "seed": args.seed, "group_by": args.group_by,
-            "val_fraction": args.val_fraction}
+    return {"num_folds": args.folds, "seed": args.seed, "group_by": args.group_by, "val_fraction": args.val_fraction}
 
 
 def load_or_make_folds(args) -> dict:
-    """Reuse <output_dir>/folds.json (it must describe the same split settings), else split and save it."""
+    """Reuse <output_dir>/folds.json (it must describe the same data and split settings), else split and save it."""
     path = Path(args.output_dir) / FOLDS_FILE
     if not path.is_file():
         folds = make_folds(args)
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(json.dumps(folds, indent=1))
         tmp.replace(path)  # atomic: an interrupted write never leaves a half folds.json
-        print(f"Saved a {args.folds}-fold split of {sum(len(f['test']) for f in folds['folds'])} images to {path}")
+        print(f"Saved a {args.folds}-fold split of {sum(len(f['test']) for f in folds['folds'])} samples to {path}")
         return folds
     try:
         folds = json.loads(path.read_text())
         stored = {key: folds.get(key) for key in split_settings(args)}
+        version = folds.get("format")
     except (ValueError, AttributeError) as exc:
         raise CrossvalError(f"{path}: not a folds file written by crossval.py ({exc}); delete it") from exc
+    if version not in READABLE_FOLDS_FORMATS:
+        raise CrossvalError(f"{path}: folds format {version!r} is not one of {READABLE_FOLDS_FORMATS}, which this "
+                            f"code reads; delete it to split again")
     if stored != split_settings(args):
         raise CrossvalError(f"{path} holds a split with {stored}, but this call asks for {split_settings(args)}; "
                             f"use another --output_dir or delete {path}")
+    if folds.get("source") != data_source(args):
+        raise CrossvalError(f"{path} holds a split of {folds.get('source')}, but this call's data is "
+                            f"{data_source(args)}; use another --output_dir or delete {path}")
+    folds.setdefault("data_layout", FOLDER)  # format 2: folders only
     print(f"Reusing the {args.folds}-fold split in {path} (source: {folds['source']})")
     return folds
 
@@ -400,19 +508,27 @@ def link_or_copy(source: Path, target: Path):
 
 
 def fold_tree_splits(fold: dict, layout: str) -> dict:
-    """Folder name -> entries: {train, val, test} (inner validation), or {train: train + val, val: test}."""
+    """Split name -> entries: {train, val, test} (inner validation), or {train: train + val, val: test}."""
     if layout == INNER_VAL:
         return {"train": fold["train"], "val": fold["val"], "test": fold["test"]}
     return {"train": fold["train"] + fold["val"], "val": fold["test"]}
 
 
-def write_fold_tree(folds: dict, fold: int, root: Path, layout: str = INNER_VAL) -> Path:
-    """<root>/fold_<i>/<split>/<class>/<n>_<file>: links to the images of fold i's splits (fold_tree_splits).
-
-    The running number keeps equal file names from different folders apart.
-    """
+def write_fold_data(folds: dict, fold: int, root: Path, layout: str = INNER_VAL) -> Path:
+    """<root>/fold_<i>/, the --data_path of fold i's runs, rebuilt from folds.json every time (never stale): a
+    prepared dataset for a packed source, else a tree of links to the images."""
     fold_dir = root / f"fold_{fold}"
-    shutil.rmtree(fold_dir, ignore_errors=True)  # rebuilt from folds.json every time: never stale
+    shutil.rmtree(fold_dir, ignore_errors=True)
+    fold_dir.mkdir(parents=True)
+    if folds.get("data_layout") == PACKED:
+        return write_fold_dataset(folds, fold, fold_dir, layout)
+    return write_fold_tree(folds, fold, fold_dir, layout)
+
+
+def write_fold_tree(folds: dict, fold: int, fold_dir: Path, layout: str) -> Path:
+    """<fold_dir>/<split>/<class>/<n>_<file>: links to the images of fold i's splits (fold_tree_splits). The
+    running number keeps equal file names from different folders apart. A prepared tiff folder's dataset.json is
+    copied beside them, so that the runs take its channel names and know that its pixels are normalised."""
     for split, entries in fold_tree_splits(folds["folds"][fold], layout).items():
         for n, entry in enumerate(entries):
             source = Path(entry["path"])
@@ -421,6 +537,49 @@ def write_fold_tree(folds: dict, fold: int, root: Path, layout: str = INNER_VAL)
             target = fold_dir / split / folds["classes"][entry["label"]] / f"{n:06d}_{source.name}"
             target.parent.mkdir(parents=True, exist_ok=True)
             link_or_copy(source, target)
+    if folds.get("data_layout") == TIFF:
+        shutil.copy2(Path(folds["source"]) / "dataset.json", fold_dir / "dataset.json")
+    return fold_dir
+
+
+def write_fold_dataset(folds: dict, fold: int, fold_dir: Path, layout: str) -> Path:
+    """<fold_dir>/ as a packed dataset the training scripts read directly: cells.npy linked to the source's,
+    cells.csv the source's with its split column set to fold i's train / val / test (fold_tree_splits; empty for
+    cells outside the split, e.g. unlabelled ones), dataset.json copied with its split counts and split
+    description updated (written last: it marks the folder complete)."""
+    from util.packed import CELLS_NPY, read_dataset_info
+
+    source = Path(folds["source"])
+    info = read_dataset_info(source)
+    split_of = {}
+    for split, entries in fold_tree_splits(folds["folds"][fold], layout).items():
+        for entry in entries:
+            split_of[entry["index"]] = (split, folds["classes"][entry["label"]])
+    columns, rows = read_cell_table(source, FOLDS_FILE)
+    found = 0
+    for row in rows:
+        split, label = split_of.get(cell_index(row, source), ("", None))
+        if label is not None:
+            if row.get("label") != label:
+                raise CrossvalError(f"{source / 'cells.csv'}: cell {row['index']} is labelled {row.get('label')!r} "
+                                    f"there but {label!r} in {FOLDS_FILE}: the dataset changed since the split; "
+                                    f"use another --output_dir or delete {FOLDS_FILE}")
+            found += 1
+        row["split"] = split
+    if found != len(split_of):
+        raise CrossvalError(f"{source / 'cells.csv'}: {len(split_of) - found} cell(s) of fold {fold} in {FOLDS_FILE} "
+                            f"are no longer in it: the dataset changed since the split; use another --output_dir "
+                            f"or delete {FOLDS_FILE}")
+    with open(fold_dir / "cells.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns if "split" in columns else [*columns, "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    link_or_copy(source / CELLS_NPY, fold_dir / CELLS_NPY)
+    info["counts"] = {**info.get("counts", {}), "per_split": dict(Counter(row["split"] for row in rows
+                                                                          if row["split"]))}
+    info["split"] = {"made_by": "crossval.py", "fold": fold, "num_folds": folds["num_folds"], "seed": folds["seed"],
+                     "group_by": folds["group_by"], "val_fraction": folds["val_fraction"], "source": str(source)}
+    (fold_dir / "dataset.json").write_text(json.dumps(info, indent=1) + "\n")
     return fold_dir
 
 
@@ -436,7 +595,10 @@ def random_init_checkpoint(output_dir: Path, script: str, train_args) -> str:
     import main_pretrain
 
     known, _ = importlib.import_module(script).get_args_parser().parse_known_args(list(train_args))
-    main_finetune.describe_model(known)  # the runs' arch, sizes and channels where the flags leave them out
+    # the runs' arch, sizes and channels where the flags leave them out: the defaults, never a checkpoint (the
+    # default --output_dir ./output_dir may hold someone's checkpoint.pth; --resume and --finetune are crossval's)
+    known.output_dir, known.resume, known.finetune = None, "", ""
+    main_finetune.describe_model(known)
     settings = {key: getattr(known, key) for key in INIT_SETTINGS}
     folder = output_dir / "random_init" / slug("_".join(f"{k}{v}" for k, v in settings.items()))
     flags = ["--epochs", "0", "--output_dir", str(folder), "--device", "cpu"]
@@ -540,7 +702,7 @@ def run_all(args, rows, folds, train_args) -> dict:
     output_dir = Path(args.output_dir).resolve()
     layout = LAYOUT[args.metric]
     fold_root = output_dir / FOLD_DATA_DIR[layout]
-    fold_dirs = [write_fold_tree(folds, i, fold_root, layout) for i in range(args.folds)]
+    fold_dirs = [write_fold_data(folds, i, fold_root, layout) for i in range(args.folds)]
     run_dirs, jobs = {}, []
     total = len(rows) * args.folds
     for r, (name, checkpoint) in enumerate(rows):

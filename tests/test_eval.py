@@ -290,21 +290,6 @@ def test_stratified_group_folds_balance_classes_and_keep_groups_whole():
     assert sorted(i for fold in folds for i in fold) == list(range(20)) and min(map(len, folds)) >= 5
 
 
-def test_group_by_a_column_of_a_packed_cell_table(tmp_path):
-    """The cell-table branch of --group_by: a packed dataset's cells.csv (columns as prepare_cells.py writes them),
-    written here by hand."""
-    import crossval
-    root = tmp_path / "packed"
-    root.mkdir()
-    (root / "dataset.json").write_text(json.dumps({"format_version": 1}))
-    rows = ["index,slide,cell_id,x,y,area,label,split"] + \
-        [f"{i},{'s1' if i in (2, 0) else 's2'},{i + 10},5,5,30,{i % 2},train" for i in (2, 0, 1, 3)]  # rows out of order
-    (root / "cells.csv").write_text("\n".join(rows) + "\n")
-    assert crossval.group_keys(str(root), [None] * 4, "slide") == ["s1", "s2", "s1", "s2"]  # by the index column
-    with pytest.raises(crossval.CrossvalError, match=r"has 4 rows for 5 samples"):
-        crossval.group_keys(str(root), [None] * 5, "slide")
-
-
 def crossval_error(capsys, *argv) -> str:
     """The one stderr line of a crossval call that must fail with exit code 2."""
     import crossval

@@ -16,7 +16,7 @@ from util.errors import DataError
 from util.filelist import FileList
 from util.io import IMAGE_EXTENSIONS, check_image, read_tensor_chw
 from util.normalize import read_normalized
-from util.packed import describe_folder_dataset, open_packed_dataset, prepared_layout
+from util.packed import describe_folder_dataset, open_packed_dataset, prepared_layout, read_cell_table
 from util.synthetic import CELL_TYPES, SyntheticCells
 from util.transforms import (DEFAULT_VAL_CROP, TensorTransform, augmentation_options, build_finetune_transform,
                              build_pretrain_transform)
@@ -296,14 +296,28 @@ def checked(dataset: ImageFileDataset) -> ImageFileDataset:
 
 
 def build_finetune_test_dataset(args, classes) -> Dataset:
-    """The held-out <data_path>/test/<class>/ split with the validation transform (labels by `classes`, the
-    training class list), or None when the data has no test split (the synthetic set has none)."""
-    if dataset_kind(args) != "folder" or not (data_root(args) / "test").is_dir():
+    """The held-out test split with the validation transform, or None when the data has none (the synthetic set
+    never has): <data_path>/test/<class>/ of a folder (labels by `classes`, the training class list), or the cells
+    whose split is 'test' in a packed dataset's cells.csv (crossval.py's fold datasets write them; labels by its
+    dataset.json classes, as train and val)."""
+    if dataset_kind(args) != "folder":
         return None
-    folder = data_root(args) / "test"
+    root = data_root(args)
+    val_crop = int(getattr(args, "val_crop", None) or DEFAULT_VAL_CROP)
+    transform = build_finetune_transform(False, args.img_size, val_crop)
+    if prepared_layout(root) == "packed":
+        if not packed_split_size(root, "test"):
+            return None
+        return open_packed_dataset(root, args, transform, split="test", require_split=True, require_labels=True)
+    folder = root / "test"
+    if not folder.is_dir():
+        return None
     samples = filelist.list_folder(folder, list(classes), index_dir(args))
     if not len(samples):
         raise no_images_error(folder)
-    val_crop = int(getattr(args, "val_crop", None) or DEFAULT_VAL_CROP)
-    transform = build_finetune_transform(False, args.img_size, val_crop)
-    return checked_folder_dataset(samples, classes, args, transform, data_root(args), estimate=False)
+    return checked_folder_dataset(samples, classes, args, transform, root, estimate=False)
+
+
+def packed_split_size(root: Path, split: str) -> int:
+    """How many cells of a packed dataset's cells.csv are in `split`."""
+    return int((read_cell_table(root)["split"] == split).sum())
