@@ -244,6 +244,13 @@ def build_datasets(args):
     return dataset_train, dataset_val
 
 
+def last_batch_kept(num_images: int, batch_size: int, world_size: int, keep_last_batch: bool) -> bool:
+    """Whether the training loader keeps each process's last partial batch: only when asked (the linear probe), and
+    not when it would hold one image (the probe's BatchNorm needs two). One rule for the job and its pre-flight."""
+    per_rank = -(-num_images // world_size)  # the DistributedSampler's share of each rank (padded)
+    return keep_last_batch and per_rank % batch_size != 1
+
+
 def build_loaders(args, dataset_train, dataset_val, keep_last_batch: bool = False):
     """Train: DistributedSampler always (a fresh order per epoch via set_epoch), drop_last (mixup needs even
     batches) unless keep_last_batch (the linear probe; a last batch of one image is still dropped, BatchNorm needs
@@ -252,7 +259,7 @@ def build_loaders(args, dataset_train, dataset_val, keep_last_batch: bool = Fals
     pin_memory = args.pin_mem and str(args.device).startswith("cuda")
     # reproducible order, augmentation and start step (util.sampling), as pretraining
     per_rank = -(-len(dataset_train) // world_size)  # the DistributedSampler's share of each rank (padded)
-    keep_last_batch = keep_last_batch and per_rank % args.batch_size != 1  # BatchNorm needs two images
+    keep_last_batch = last_batch_kept(len(dataset_train), args.batch_size, world_size, keep_last_batch)
     loader_train = resumable_loader(dataset_train, args.batch_size, args.num_workers, args.seed, world_size, rank,
                                     pin_memory=pin_memory, keep_last_batch=keep_last_batch)
     if args.dist_eval:
@@ -487,12 +494,13 @@ def setup(args, identity: dict, make_model=build_finetune_model, make_optimizer=
                 loader_test=build_test_loader(args, dataset_test))
 
 
-def preflight(args, world_size: int) -> None:
+def preflight(args, world_size: int, make_model=None, keep_last_batch: bool = False) -> None:
     """The job's start-up checks, run by the submitit launcher in its own process before it submits
     (util/launch.py): flags, another run in the output folder, the data (every file's header, the classes, at least
     one batch per process of a `world_size`-process job), and the --finetune / --resume checkpoints loaded into the
     model they must fit. Writes nothing but the data index cache in the job's folder, when that folder is known now
-    (a --job_dir without %j)."""
+    (a --job_dir without %j). make_model / keep_last_batch: as setup's (main_linprobe.py passes the probe's)."""
+    make_model = make_model or build_finetune_model
     describe_model(args)
     identity = run_identity(args)
     resolve_defaults(args)
@@ -501,8 +509,9 @@ def preflight(args, world_size: int) -> None:
     dataset_train, dataset_val = build_datasets(args)
     num_classes = check_num_classes(args, dataset_train, dataset_val)
     check_class_names(args, list(dataset_train.classes))
-    check_one_batch_per_process(len(dataset_train), args.batch_size, world_size)
-    model = build_finetune_model(args, num_classes)  # loads --finetune: another arch or shape is an error
+    keep_last_batch = last_batch_kept(len(dataset_train), args.batch_size, world_size, keep_last_batch)
+    check_one_batch_per_process(len(dataset_train), args.batch_size, world_size, drop_last=not keep_last_batch)
+    model = make_model(args, num_classes)  # loads --finetune: another arch or shape is an error
     if args.resume:
         load_model_strict(model, load_checkpoint(args.resume)["model"], args.resume)
     print(f"pre-flight checks passed: {args.arch}, {len(dataset_train)} training images of {num_classes} classes "

@@ -79,6 +79,13 @@ def setup(args, identity: dict):
                                keep_last_batch=True)
 
 
+def preflight(args, world_size: int) -> None:
+    """The submitit launcher's start-up checks (util/launch.py): main_finetune.preflight with the probe's model (a
+    --resume checkpoint holds the BatchNorm + Linear head) and its last partial batch kept."""
+    check_args(args)
+    main_finetune.preflight(args, world_size, make_model=build_probe_model, keep_last_batch=True)
+
+
 def main(args):
     # the evaluation, the epoch loop, checkpoints and log.txt are fine-tuning's
     return main_finetune.main(args, setup_fn=setup)

@@ -388,6 +388,14 @@ def test_linear_probe_on_a_small_data_set_trains_every_image_and_prints_the_step
     assert "no test split: the best accuracy is chosen and measured on val" in out
     assert main_linprobe.run_cli([*flags, "--output_dir", str(tmp_path / "lp256")]) == 0
     assert "1 steps per epoch: 11 training images per process in batches of 256\n" in capsys.readouterr().out
+    # the submitit launcher's pre-flight of the probe: same batch rule, and the probe's checkpoint.pth (BatchNorm +
+    # Linear head) is auto-resumed into the probe model, not into the fine-tuning one
+    preflight_args = main_linprobe.get_args_parser().parse_args([*flags, "--epochs", "2",
+                                                                "--output_dir", str(tmp_path / "lp256")])
+    main_linprobe.preflight(preflight_args, world_size=2)
+    out = capsys.readouterr().out
+    assert preflight_args.resume == str(tmp_path / "lp256" / "checkpoint.pth")
+    assert "pre-flight checks passed: main_vit_tiny, 11 training images of 2 classes for 2 processes of batch 256" in out
     # fine-tuning keeps MAE's drop_last (mixup needs even batches) and says what it drops
     import main_finetune
     assert main_finetune.run_cli([*flags, "--batch_size", "4", "--output_dir", str(tmp_path / "ft")]) == 0

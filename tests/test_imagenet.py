@@ -147,6 +147,24 @@ def test_pretrain_finetune_and_linear_probe_run_on_photos_with_a_cached_file_lis
     assert (args["aa"], args["reprob"], args["accum_iter"]) == ("none", 0.0, 2)
 
 
+def test_test_split_of_an_imagenet_folder_gets_the_recipes_evaluation_transform(photo_folder, tmp_path):
+    """A test/ split is read like val/: RGB photos, resized and centre-cropped by the recipe's evaluation transform
+    and normalised with its mean/std, labelled by the training class list (not the cells' TIFF reader)."""
+    from util.datasets import build_finetune_test_dataset
+    data = tmp_path / "data"
+    shutil.copytree(photo_folder, data)
+    shutil.copytree(data / "val", data / "test")
+    args = parse(main_finetune, ["--recipe", "imagenet", "--data_path", str(data), *TINY])
+    main_finetune.resolve_defaults(args)
+    val, test = build_finetune_dataset(False, args), build_finetune_test_dataset(args, ["chelsea", "coffee", "rocket"])
+    assert len(test) == len(val) == 6 and test.classes == val.classes
+    for i in range(len(test)):
+        (image, label), (val_image, val_label) = test[i], val[i]
+        assert image.shape == (3, 32, 32) and label == val_label and torch.equal(image, val_image)
+    path, label = test.samples[0]
+    assert torch.equal(test[0][0], build_imagenet_eval_transform(32)(read_rgb(path)))
+
+
 def test_lars_scales_each_weight_matrix_update_by_its_trust_ratio():
     weight, bias = torch.randn(4, 3), torch.randn(4)
     weight.grad, bias.grad = torch.randn(4, 3), torch.randn(4)

@@ -305,7 +305,7 @@ def build_finetune_test_dataset(args, classes) -> Dataset:
     root = data_root(args)
     val_crop = int(getattr(args, "val_crop", None) or DEFAULT_VAL_CROP)
     transform = build_finetune_transform(False, args.img_size, val_crop)
-    if prepared_layout(root) == "packed":
+    if recipe(args) != "imagenet" and prepared_layout(root) == "packed":
         if not packed_split_size(root, "test"):
             return None
         return open_packed_dataset(root, args, transform, split="test", require_split=True, require_labels=True)
@@ -315,6 +315,9 @@ def build_finetune_test_dataset(args, classes) -> Dataset:
     samples = filelist.list_folder(folder, list(classes), index_dir(args))
     if not len(samples):
         raise no_images_error(folder)
+    if recipe(args) == "imagenet":  # RGB photos with the recipe's evaluation transform, as its val split
+        from util.imagenet import imagenet_classification_dataset
+        return imagenet_classification_dataset(samples, False, args)
     return checked_folder_dataset(samples, classes, args, transform, root, estimate=False)
 
 

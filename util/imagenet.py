@@ -196,6 +196,11 @@ def build_imagenet_pretrain_dataset(args) -> Dataset:
 
 def build_imagenet_finetune_dataset(is_train: bool, args) -> Dataset:
     files, _ = finetune_samples(data_root(args), is_train, index_dir(args))
+    return imagenet_classification_dataset(files, is_train, args)
+
+
+def imagenet_classification_dataset(files, is_train: bool, args) -> Dataset:
+    """Listed files of train/, val/ or test/ with the fine-tuning (is_train) or the evaluation transform."""
     files, _, skipped = _checked_rgb_files(files, args)
     transform = build_imagenet_finetune_transform(
         is_train, args.img_size, *normalisation(args), aa=getattr(args, "aa", DEFAULT_AA),
