@@ -5,7 +5,6 @@ folder or flag at fault and what was expected. Reading one file is util.io, the 
 built-in synthetic cells util.synthetic, listing folders and checking every file's header util.filelist (cached in
 <output_dir>/data_index), MAE's ImageNet recipe (--recipe imagenet) util.imagenet.
 """
-import os
 from pathlib import Path
 
 import torch
@@ -62,20 +61,10 @@ class ImageFileDataset(Dataset):
         return self.transform(self.load(index)), self.samples[index][1]
 
 
-def is_image_file(path: Path) -> bool:
-    """An accepted extension (any case), and not a hidden file such as macOS '._x.tif' metadata."""
-    return filelist.is_image_name(path.name) and path.is_file()
-
-
 def list_images(folder: Path, recursive: bool) -> list:
-    """Sorted image files in `folder` (and its sub-folders when `recursive`, links followed)."""
-    if not recursive:
-        return sorted(p for p in folder.iterdir() if is_image_file(p))
-    found = []
-    for parent, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found.extend(Path(parent) / name for name in files)
-    return sorted(p for p in found if is_image_file(p))
+    """Sorted image files in `folder` (and its sub-folders when `recursive`, links followed), hidden ones skipped:
+    util.filelist's walk."""
+    return [folder / rel for rel in filelist.image_relpaths(folder, recursive)]
 
 
 def class_folders(folder: Path) -> list:
@@ -129,9 +118,9 @@ def pretrain_samples(root: Path, cache_dir=None):
 
 def note_ignored_loose_images(folder: Path, used: int, num_classes: int) -> None:
     """Say that images lying directly in a folder of class folders are not used (they have no class)."""
-    if not filelist.has_images(folder):
-        return
     loose = list_images(folder, recursive=False)
+    if not loose:
+        return
     print(f"note: {folder} holds {num_classes} class folder(s) and {len(loose)} image(s) directly in it "
           f"(e.g. {loose[0].name}); using the {used} images in the class folders and ignoring the "
           f"{len(loose)} loose ones")
@@ -169,16 +158,14 @@ def check_folder_files(files: FileList, args, min_side: int, rgb: bool = False):
     return files, headers, skipped
 
 
-def checked_folder_dataset(files: FileList, classes, args, transform: TensorTransform, root: Path = None,
+def checked_folder_dataset(files: FileList, classes, args, transform: TensorTransform, root: Path,
                            estimate: bool = False) -> ImageFileDataset:
     """ImageFileDataset over the files that pass the header check (`.skipped_bad_files`: how many did not), with
-    its channel names and normalisation (util.packed.describe_folder_dataset; `estimate`: the recipe may be
-    estimated from these files) when `root` is given."""
+    its channel names and normalisation (util.packed.describe_folder_dataset for the data under `root`;
+    `estimate`: the recipe may be estimated from these files)."""
     files, _, skipped = check_folder_files(files, args, transform.min_side)
     dataset = ImageFileDataset(files, classes, args.in_chans, transform)
-    if root is not None:
-        dataset = describe_folder_dataset(dataset, root, args, estimate=estimate)
-    dataset = checked(dataset)
+    dataset = checked(describe_folder_dataset(dataset, root, args, estimate=estimate))
     dataset.skipped_bad_files = skipped
     return dataset
 
@@ -236,8 +223,9 @@ def synthetic_size(args) -> int:
     return int(getattr(args, "synthetic_size", None) or DEFAULT_SYNTHETIC_SIZE)
 
 
-def build_pretrain_dataset(args) -> Dataset:
-    """Pretraining dataset: items (augmented image [in_chans, S, S], label), S = args.img_size.
+def build_pretrain_dataset(args, transform: TensorTransform = None) -> Dataset:
+    """Pretraining dataset: items (augmented image [in_chans, S, S], label), S = args.img_size; `transform`
+    replaces the training augmentation of the cell data (util.gpu_augment's worker crop).
 
     folder: <data_path>/train (class folders or a flat folder of images) or, without train/, <data_path>
     itself; the first file is read and checked now, so that a wrong --in_chans or a too-small image
@@ -248,7 +236,8 @@ def build_pretrain_dataset(args) -> Dataset:
     if recipe(args) == "imagenet":
         from util.imagenet import build_imagenet_pretrain_dataset  # util.imagenet builds on this module
         return build_imagenet_pretrain_dataset(args)
-    transform = build_pretrain_transform(args.img_size, **augmentation_options(args))
+    if transform is None:
+        transform = build_pretrain_transform(args.img_size, **augmentation_options(args))
     if dataset_kind(args) == "synthetic":
         return SyntheticCells(synthetic_size(args), args.img_size, args.in_chans, seed=args.seed,
                               split="train", transform=transform)

@@ -163,10 +163,12 @@ def class_folder_names(folder: Path) -> list:
         return sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir())
 
 
-def has_images(folder: Path) -> bool:
-    """Whether `folder` holds an image file directly (stops at the first one)."""
-    with os.scandir(folder) as entries:
-        return any(is_image_name(e.name) and e.is_file() for e in entries)
+def image_relpaths(folder: Path, recursive: bool) -> list:
+    """The image files of `folder` (and of its sub-folders when `recursive`) as paths relative to it, in the
+    walk's order (that of sorted(Path))."""
+    walk = _Walk(Path(folder))
+    walk.directory("", recursive)
+    return walk.relpaths
 
 
 def _walk_folder(folder: Path, classes):
@@ -485,14 +487,12 @@ def _bad_reason(files: FileList, headers: Headers, index: int, in_chans: int, mi
     if index in headers.problems:
         return headers.problems[index]
     shape = (int(headers.channels[index]), int(headers.height[index]), int(headers.width[index]))
-    if rgb and headers.layout_of(index).startswith("TIFF"):
+    if rgb:
         dtype = headers.dtype_names[headers.dtype[index]]
-        if shape[0] not in (1, 3) or dtype != RGB_TIFF_DTYPE:
+        if headers.layout_of(index).startswith("TIFF") and (shape[0] not in (1, 3) or dtype != RGB_TIFF_DTYPE):
             return (f"{path}: --recipe imagenet reads 8-bit grey or RGB images, but this TIFF holds {shape[0]} "
                     f"channel(s) of {dtype}")
-        shape = (in_chans,) + shape[1:]
-    elif rgb:
-        shape = (in_chans,) + shape[1:]
+        shape = (in_chans,) + shape[1:]  # read as RGB
     try:
         check_shape(shape, path, in_chans, min_side)
     except DataError as exc:
@@ -500,8 +500,7 @@ def _bad_reason(files: FileList, headers: Headers, index: int, in_chans: int, mi
     return f"{path}: bad file"  # not reached: _bad_mask and check_shape test the same things
 
 
-def check_files(files: FileList, in_chans: int, min_side: int, rgb: bool = False, skip_bad: bool = False,
-                workers=None):
+def check_files(files: FileList, in_chans: int, min_side: int, rgb: bool = False, skip_bad: bool = False):
     """Scan every header (scan_headers) and find the files training would stop at: unreadable, a channel
     count other than `in_chans` (with rgb: PIL images count as 3 channels, converted), a side below `min_side`.
 
@@ -510,7 +509,7 @@ def check_files(files: FileList, in_chans: int, min_side: int, rgb: bool = False
     `skip_bad`, which leaves them out. A folder whose every file is bad is always an error, on one line (a
     flag such as --in_chans is the likely cause).
     """
-    headers = scan_headers(files, workers)
+    headers = scan_headers(files)
     bad = _bad_mask(headers, in_chans, min_side, rgb)
     bad_indices = np.flatnonzero(bad)
     if len(bad_indices) == 0:

@@ -14,16 +14,12 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
-from util.datasets import (ImageFileDataset, checked_folder_dataset, data_root, dataset_kind, index_dir,
-                           pretrain_samples, synthetic_size)
-from util.packed import open_packed_dataset, prepared_layout
-from util.synthetic import SyntheticCells
+from util.datasets import ImageFileDataset, build_pretrain_dataset
 from util.transforms import (DEFAULT_MAX_SHIFT, DEFAULT_ROTATION, RandomCropWindow, TensorTransform,
-                             augment_batch, augmentation_options, crop_float, resize, sample_warp,
-                             warp_grid)
+                             augment_batch, augmentation_options, crop_float, resize, sample_warp)
 
 __all__ = ["CroppedImageFiles", "GPUAugment", "WorkerCrop", "augment_batch", "build_gpu_augment",
-           "build_gpu_pretrain_dataset", "crop_size", "warp_grid"]
+           "build_gpu_pretrain_dataset", "crop_size"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -61,17 +57,10 @@ class CroppedImageFiles(ImageFileDataset):
 
 
 def build_gpu_pretrain_dataset(args) -> Dataset:
-    """Like util.datasets.build_pretrain_dataset (synthetic cells, packed cells, or a checked image folder with its
-    channel names and normalisation), but items are (crop, label) for build_gpu_augment(args)."""
-    worker_crop = WorkerCrop(args.img_size, augmentation_options(args)["crop_scale"])
-    if dataset_kind(args) == "synthetic":
-        return SyntheticCells(synthetic_size(args), args.img_size, args.in_chans, seed=args.seed, split="train",
-                              transform=worker_crop)
-    root = data_root(args)
-    if prepared_layout(root) == "packed":
-        return open_packed_dataset(root, args, worker_crop, split="train")
-    samples, classes = pretrain_samples(root, index_dir(args))
-    return checked_folder_dataset(samples, classes, args, worker_crop, root, estimate=True)
+    """util.datasets.build_pretrain_dataset (synthetic cells, packed cells, or a checked image folder with its
+    channel names and normalisation) with the worker crop as its transform: items are (crop, label) for
+    build_gpu_augment(args)."""
+    return build_pretrain_dataset(args, WorkerCrop(args.img_size, augmentation_options(args)["crop_scale"]))
 
 
 # --------------------------------------------------------------------------------------------------
