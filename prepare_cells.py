@@ -228,7 +228,7 @@ def collect_cells(args, slides) -> list:
 
 def check_unique_ids(cells: dict, path, slide):
     ids = cells["cell_id"].astype(str)
-    unique, first, counts = np.unique(ids, return_index=True, return_counts=True)
+    unique, counts = np.unique(ids, return_counts=True)
     if (counts > 1).any():
         duplicate = str(unique[counts > 1][0])
         lines = cells["line"][ids == duplicate][:2].tolist()

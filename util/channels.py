@@ -66,11 +66,10 @@ def data_channel_names(dataset, args=None):
 
 
 def check_flag_names(flag_names, data_names, where: str, error=ConfigError):
-    """--channel_names against names the data already has: they must agree (returns the data's)."""
+    """--channel_names against names the data already has: they must agree."""
     if flag_names and data_names and not same_names(flag_names, data_names):
         raise error(f"--channel_names {','.join(flag_names)} disagrees with the channel names of {where}: "
                     f"{list(data_names)}; leave --channel_names out for prepared data")
-    return list(data_names) if data_names else (list(flag_names) if flag_names else None)
 
 
 def check_channel_names(model_names, data_names, model_source: str, data_source: str, ignore: bool = False) -> bool:

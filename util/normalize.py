@@ -16,8 +16,8 @@ both divide by 65535 before the augmentation, so prepared and normalised folder 
 The estimate always comes from a bounded, seeded sample (a fixed number of files or cells and pixels), never
 from all pixels at once.
 
-This module imports numpy only (prepare_cells.py must not pay for torch); `read_normalized` imports the file
-reader when called.
+This module imports numpy only (prepare_cells.py must not pay for torch); `read_normalized` and
+`estimate_folder_recipe` import the file reader when called.
 """
 import math
 
@@ -48,11 +48,11 @@ def add_normalize_args(parser, what: str = "the training files"):
     return parser
 
 
-def check_percentiles(percentiles, flag: str = "--clip_percentiles") -> list:
-    """[low, high] as floats with 0 <= low < high <= 100; ConfigError naming `flag` otherwise."""
+def check_percentiles(percentiles) -> list:
+    """[low, high] as floats with 0 <= low < high <= 100; ConfigError naming --clip_percentiles otherwise."""
     low, high = (float(p) for p in percentiles)
     if not (0.0 <= low < high <= 100.0):
-        raise ConfigError(f"{flag} {low:g} {high:g}: expected 0 <= LOW < HIGH <= 100")
+        raise ConfigError(f"--clip_percentiles {low:g} {high:g}: expected 0 <= LOW < HIGH <= 100")
     return [low, high]
 
 
@@ -117,8 +117,8 @@ def describe(recipe) -> str:
 # --------------------------------------------------------------------------------------------------
 # Application
 # --------------------------------------------------------------------------------------------------
-def apply_recipe(raw: np.ndarray, recipe, where="image", channel_axis: int = 0) -> np.ndarray:
-    """Raw values [..., C, ...] (channels on `channel_axis`) -> uint16 of the same shape, as the recipe says.
+def apply_recipe(raw: np.ndarray, recipe, where="image") -> np.ndarray:
+    """Raw values [C, ...] -> uint16 of the same shape, as the recipe says.
 
     percentile: clip((raw - low) / (high - low), 0, 1) * 65535, rounded half up; a channel whose sample was
     constant (high == low) becomes 0 below or at that value and 65535 above it. none / no recipe: by dtype.
@@ -126,21 +126,20 @@ def apply_recipe(raw: np.ndarray, recipe, where="image", channel_axis: int = 0) 
     if not is_percentile(recipe):
         return scale_by_dtype(raw, where)
     low, high = np.asarray(recipe["low"], np.float64), np.asarray(recipe["high"], np.float64)
-    channels = raw.shape[channel_axis]
+    channels = raw.shape[0]
     if channels != len(low):
         raise DataError(f"{where}: has {channels} channel(s) but the normalisation recipe has {len(low)} "
                         f"({recipe.get('channel_names') or 'unnamed'})")
     out = np.empty(raw.shape, np.uint16)
     span = np.where(high > low, high - low, 0.0)
     for c in range(channels):  # float32 working copy of one channel at a time
-        index = (slice(None),) * (channel_axis % raw.ndim) + (c,)
-        values = raw[index].astype(np.float32) - np.float32(low[c])
+        values = raw[c].astype(np.float32) - np.float32(low[c])
         if span[c] > 0:
             values *= np.float32(UINT16_MAX / span[c])
         else:
             values = np.where(values > 0, np.float32(UINT16_MAX), np.float32(0))
         np.clip(values, 0, UINT16_MAX, out=values)
-        out[index] = np.floor(values + np.float32(0.5))
+        out[c] = np.floor(values + np.float32(0.5))
     return out
 
 
@@ -181,19 +180,19 @@ def sample_pixels(values: np.ndarray, count: int, rng) -> np.ndarray:
     return values[:, np.sort(rng.choice(values.shape[1], count, replace=False))]
 
 
-def estimate_folder_recipe(paths, percentiles, read_raw, channel_names=None, max_files: int = FOLDER_SAMPLE_FILES,
-                           pixels_per_channel: int = SAMPLE_PIXELS_PER_CHANNEL, seed: int = 0) -> dict:
-    """Percentile recipe from a bounded sample of image files: `max_files` of them chosen with `seed`, and
-    pixels_per_channel / files random pixels of each. read_raw(path) -> [C, H, W] in the stored dtype."""
+def estimate_folder_recipe(paths, percentiles, channel_names=None, seed: int = 0) -> dict:
+    """Percentile recipe from a bounded sample of image files: FOLDER_SAMPLE_FILES of them chosen with `seed`, and
+    SAMPLE_PIXELS_PER_CHANNEL / files random pixels of each (read in the stored dtype)."""
+    from util.io import read_raw_chw  # here, not at the top: util.io imports torch
     paths = list(paths)
     if not paths:
         raise DataError("--normalize percentile: no files to estimate the percentiles from")
     rng = np.random.default_rng(seed)
-    chosen = sorted(rng.choice(len(paths), min(max_files, len(paths)), replace=False))
-    per_file = max(1, pixels_per_channel // len(chosen))
+    chosen = sorted(rng.choice(len(paths), min(FOLDER_SAMPLE_FILES, len(paths)), replace=False))
+    per_file = max(1, SAMPLE_PIXELS_PER_CHANNEL // len(chosen))
     parts, channels = [], None
     for i in chosen:
-        raw = read_raw(paths[i])
+        raw = read_raw_chw(paths[i])
         if channels is not None and raw.shape[0] != channels:
             raise DataError(f"{paths[i]}: has {raw.shape[0]} channel(s) but {paths[chosen[0]]} has {channels}")
         channels = raw.shape[0]

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from util.channels import check_flag_names
 from util.errors import DataError
 from util.normalize import UINT16_MAX, check_recipe, estimate_folder_recipe, is_percentile
 
@@ -112,11 +113,10 @@ def read_cell_table(root) -> dict:
     return table
 
 
-def table_rows(table: dict, positions=None) -> list:
-    """Rows (dicts, None for empty fields) of a column table, all or those at `positions`."""
-    positions = range(len(table["index"])) if positions is None else positions
+def table_rows(table: dict) -> list:
+    """Rows (dicts, None for empty fields) of a column table."""
     rows = []
-    for i in positions:
+    for i in range(len(table["index"])):
         row = {}
         for column, values in table.items():
             value = values[i].item()
@@ -134,7 +134,7 @@ def split_positions(table: dict, split, root, require_split: bool) -> np.ndarray
     count = len(table["index"])
     if split is None:
         return np.arange(count)
-    has_split = bool((table["split"] != "").any()) if count else False
+    has_split = bool((table["split"] != "").any())
     if not has_split:
         if require_split:
             raise DataError(f"--data_path {root}: the prepared dataset has no train/val split; prepare it with "
@@ -213,14 +213,11 @@ class PackedCells:
     def __len__(self) -> int:
         return len(self.indices)
 
-    def raw(self, index: int) -> np.ndarray:
-        """The stored crop of item `index`: uint16 [C, S, S]."""
-        return np.array(self.cells()[self.indices[index]])
-
     def load(self, index: int):
         """The untransformed image of item `index`: float32 torch [C, S, S] in [0, 1]."""
         import torch  # numpy-only at import (prepare_cells.py); the training scripts have torch loaded already
-        return torch.from_numpy(self.raw(index).astype(np.float32) / np.float32(UINT16_MAX))
+        crop = self.cells()[self.indices[index]]  # [C, S, S] uint16, still in the map: astype copies it out
+        return torch.from_numpy(crop.astype(np.float32) / np.float32(UINT16_MAX))
 
     def __getitem__(self, index: int):
         image = self.load(index)
@@ -254,7 +251,6 @@ def open_packed_dataset(root, args, transform, split, require_split=False, requi
 
 
 def check_names_flag(flag_names, data_names, root):
-    from util.channels import check_flag_names
     check_flag_names(flag_names, data_names, f"the prepared dataset {root}", error=DataError)
 
 
@@ -269,10 +265,9 @@ def describe_folder_dataset(dataset, root, args, estimate: bool):
     Otherwise: names from --channel_names; the recipe from args.normalization (a checkpoint's, or pretraining's
     own), or estimated from a bounded sample of the dataset's files when --normalize percentile and `estimate`.
     """
-    layout = prepared_layout(root)
+    info = read_dataset_info(root) if (Path(root) / DATASET_JSON).is_file() else None
     flag_names = getattr(args, "channel_names", None)
-    if layout == "tiff":
-        info = read_dataset_info(root)
+    if info is not None and info["layout"] == "tiff":
         check_names_flag(flag_names, info["channel_names"], root)
         dataset.channel_names, dataset.recipe, dataset.normalization = (
             list(info["channel_names"]), info.get("normalization"), None)
@@ -281,8 +276,7 @@ def describe_folder_dataset(dataset, root, args, estimate: bool):
         raise DataError(f"--channel_names gives {len(flag_names)} names but --in_chans is {dataset.in_chans}")
     recipe = getattr(args, "normalization", None)
     if not is_percentile(recipe) and getattr(args, "normalize", "none") == "percentile" and estimate:
-        from util.io import read_raw_chw
-        recipe = estimate_folder_recipe([path for path, _ in dataset.samples], args.clip_percentiles, read_raw_chw,
+        recipe = estimate_folder_recipe([path for path, _ in dataset.samples], args.clip_percentiles,
                                         channel_names=flag_names, seed=getattr(args, "seed", 0))
         print(f"--normalize percentile: {recipe['sample']['files']} files, {recipe['sample']['pixels_per_channel']:,} "
               f"pixels per channel sampled from {root}")
@@ -399,7 +393,7 @@ def write_cell_table(path: Path, table: dict):
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(columns)
-        for row in zip(*(table[c].tolist() if hasattr(table[c], "tolist") else table[c] for c in columns)):
+        for row in zip(*(table[c].tolist() for c in columns)):
             writer.writerow(["" if v is None or (c == "area" and v < 0) else (round(v, 3) if isinstance(v, float)
                                                                              else v)
                              for c, v in zip(columns, row)])

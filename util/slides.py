@@ -188,7 +188,7 @@ def open_zarr_array(store, where: str):
         raise DataError(f"{where}: cannot open the image data ({type(exc).__name__}: {exc})") from exc
 
 
-def open_slide(path, select=None, channel_names=None, name=None) -> SlideImage:
+def open_slide(path, select=None, channel_names=None) -> SlideImage:
     """A multi-channel TIFF / OME-TIFF, a folder of per-marker TIFFs, or an OME-Zarr image, for windowed reading.
 
     select: {'T': 0, ...} for axes besides channels, Y and X. channel_names: names for the channels in file
@@ -205,7 +205,7 @@ def open_slide(path, select=None, channel_names=None, name=None) -> SlideImage:
             slide = open_marker_folder(path, select)
     else:
         slide = open_tiff(path, select)
-    slide.name = name or file_stem(path)
+    slide.name = file_stem(path)
     if channel_names is not None:
         if len(channel_names) != slide.num_channels:
             slide.close()
@@ -224,22 +224,22 @@ def check_unique_names(names, where):
                         f"case); rename them with --channel_names")
 
 
-def open_tiff(path: Path, select: dict, role: str = "--image") -> SlideImage:
+def open_tiff(path: Path, select: dict) -> SlideImage:
     try:
         tif = tifffile.TiffFile(path)
     except Exception as exc:
-        raise DataError(f"{role} {path}: cannot read TIFF file ({type(exc).__name__}: {exc})") from exc
+        raise DataError(f"--image {path}: cannot read TIFF file ({type(exc).__name__}: {exc})") from exc
     try:
         series = tif.series[0]
-        array = open_zarr_array(series.aszarr(level=0), f"{role} {path}")  # level 0 of a pyramid: full resolution
-        axis_array = AxisArray(array, series.axes, select, f"{role} {path}")
+        array = open_zarr_array(series.aszarr(level=0), f"--image {path}")  # level 0 of a pyramid: full resolution
+        axis_array = AxisArray(array, series.axes, select, f"--image {path}")
         names = tiff_channel_names(tif, axis_array.num_channels) or default_channel_names(axis_array.num_channels)
     except DataError:
         tif.close()
         raise
     except Exception as exc:
         tif.close()
-        raise DataError(f"{role} {path}: cannot read TIFF file ({type(exc).__name__}: {exc})") from exc
+        raise DataError(f"--image {path}: cannot read TIFF file ({type(exc).__name__}: {exc})") from exc
     return SlideImage(file_stem(path), path, [(axis_array, axis_array.num_channels)], names, closers=[tif.close])
 
 
