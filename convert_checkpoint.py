@@ -25,9 +25,9 @@ from pathlib import Path
 
 from util.channels import add_channel_name_args
 from util.cli import CommandLineParser, DescribedHelpFormatter, run_tool
-from util.convert import export_channel_names, export_encoder, timm_config
+from util.convert import export_channel_names, read_encoder, save_encoder, timm_config
 from util.errors import ConfigError
-from util.inference import (add_model_flags, build_model, describe_checkpoint, describe_in_words, parse_class_names,
+from util.inference import (add_model_flags, build_model, describe_encoder, describe_in_words, parse_class_names,
                             resolve_class_names, resolve_model_flags)
 from util.packed import StagedOutput
 
@@ -83,7 +83,8 @@ def export_timm_dir(description: dict, weights: dict, args) -> dict:
 
 
 def main(args: argparse.Namespace):
-    description, weights = describe_checkpoint(args.input, args.student)
+    encoder, checkpoint, from_students = read_encoder(args.input, args.student)  # read once, for either format
+    description, weights = describe_encoder(encoder, checkpoint, from_students, args.student, args.input)
     resolve_model_flags(args, description)
     output = Path(args.output)
     check_output(output, args.overwrite)
@@ -94,8 +95,9 @@ def main(args: argparse.Namespace):
         return output
     if description["kind"] == "classifier":
         print("note: the .pth export holds the encoder only; --format timm_dir keeps the classifier's head")
-    metadata = export_encoder(args.input, args.output, student=args.student, channel_names=args.channel_names,
-                              ignore_channel_names=args.ignore_channel_names, pool=args.pool)
+    metadata = save_encoder(args.output, encoder, checkpoint, args.input, student=args.student,
+                            channel_names=args.channel_names, ignore_channel_names=args.ignore_channel_names,
+                            pool=args.pool)
     shown = {key: value for key, value in metadata.items() if key != "normalization"}
     shown["normalization"] = (metadata.get("normalization") or {}).get("method")
     print(f"Wrote student {args.student} encoder of {args.input} to {args.output}: " +

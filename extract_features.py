@@ -35,7 +35,6 @@ from util.cli import CommandLineParser, DescribedHelpFormatter, run_tool
 from util.datasets import checked, data_root, dataset_kind, synthetic_size
 from util.errors import ConfigError
 from util.features import extract_features
-from util.features import pool_tokens as pool_encoder_tokens
 from util.inference import (add_model_flags, build_model, build_view, describe_checkpoint, describe_in_words,
                             embed_and_classify, open_image_folder, resolve_model_flags, view_crop)
 from util.packed import open_packed_dataset, prepared_layout
@@ -94,14 +93,6 @@ def headless_model(description: dict, weights: dict, img_size: int = None, pool:
         print(f"note: {description['path']} is not a pretraining checkpoint; --student 2 has no effect")
     model = build_model(description, weights, img_size=img_size, pool=pool, with_head=False)
     return model, dict(description, img_size=img_size or description["img_size"])
-
-
-def pool_tokens(model, tokens: torch.Tensor, pool: str) -> torch.Tensor:
-    """Encoder output tokens [N, 1+L, D] (cls first, after the final norm) -> image features [N, D].
-
-    mean goes through fc_norm, which is the Identity unless the model was fine-tuned with global pooling.
-    """
-    return pool_encoder_tokens(tokens, pool, model.num_prefix_tokens, model.fc_norm)
 
 
 def vit_encoder(model):

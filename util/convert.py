@@ -294,6 +294,12 @@ def export_encoder(ckpt_path: str, out_path: str, student: int = 1, channel_name
     pool: the pooling timm's model(x) applies (default: mean; an encoder fine-tuned with global pooling keeps its
     fc_norm and mean pooling)."""
     encoder, checkpoint, _ = read_encoder(ckpt_path, student)
+    return save_encoder(out_path, encoder, checkpoint, ckpt_path, student, channel_names, ignore_channel_names, pool)
+
+
+def save_encoder(out_path: str, encoder: dict, checkpoint: dict, ckpt_path: str, student: int = 1,
+                 channel_names=None, ignore_channel_names: bool = False, pool: str = None) -> dict:
+    """export_encoder from read_encoder's encoder and checkpoint, for a caller that has read them already."""
     metadata = encoder_metadata(encoder, checkpoint, student, ckpt_path)
     fc_norm = "fc_norm.weight" in encoder
     pool = DEFAULT_POOL if fc_norm else (pool or DEFAULT_POOL)

@@ -82,7 +82,11 @@ def describe_checkpoint(path: str, student: int = 1) -> tuple:
     (None for raw intensities), val_crop (fine-tuning's, or None), epoch, student, from_students, path.
     weights: {'encoder': timm-named encoder state dict, 'head': classifier_head(...) or None}.
     """
-    encoder, checkpoint, from_students = read_encoder(path, student)
+    return describe_encoder(*read_encoder(path, student), student, path)
+
+
+def describe_encoder(encoder: dict, checkpoint: dict, from_students: bool, student: int, path: str) -> tuple:
+    """describe_checkpoint from read_encoder's (encoder, checkpoint, from_students), for a caller that keeps them."""
     head = None if from_students else classifier_head(checkpoint.get("model", checkpoint))
     description = encoder_metadata(encoder, checkpoint, student, path)
     if not description["arch"]:
