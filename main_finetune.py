@@ -164,9 +164,12 @@ def describe_model(args) -> None:
         args.in_chans = recipe_in_chans(args.recipe)
 
 
-def resolve_defaults(args):
-    """Fill the defaults that depend on other flags."""
-    describe_model(args)  # a no-op after main's call: the model flags left out, from the checkpoint
+def resolve_defaults(args) -> dict:
+    """Fill the model flags left out from the checkpoint (describe_model), then the defaults that depend on
+    other flags. Returns the run identity (util.checkpoint.run_identity): the flags as given with the model flags
+    filled in, before the other defaults and the lr."""
+    describe_model(args)
+    identity = run_identity(args)
     resolve_num_workers(args)
     if args.amp_dtype is None:
         args.amp_dtype = "bf16" if str(args.device).startswith("cuda") else "none"
@@ -179,6 +182,7 @@ def resolve_defaults(args):
     check_percentiles(args.clip_percentiles)
     resolve_recipe(args)  # --in_chans default, args.mean / args.std (stored in the checkpoint's args)
     augmentation_options(args)  # --crop_scale, --rotation, --max_shift
+    return identity
 
 
 def mixup_active(args) -> bool:
@@ -251,6 +255,17 @@ def last_batch_kept(num_images: int, batch_size: int, world_size: int, keep_last
     return keep_last_batch and per_rank % batch_size != 1
 
 
+def build_eval_loader(args, dataset, **loader_kwargs):
+    """Val or the held-out test split, every image once: sharded over the ranks with --dist_eval, else every rank
+    reads the whole set in order."""
+    if args.dist_eval:
+        sampler = ShardSampler(len(dataset), misc.get_rank(), misc.get_world_size())
+    else:
+        sampler = torch.utils.data.SequentialSampler(dataset)
+    return torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, drop_last=False,
+                                       num_workers=args.num_workers, **loader_kwargs)
+
+
 def build_loaders(args, dataset_train, dataset_val, keep_last_batch: bool = False):
     """Train: DistributedSampler always (a fresh order per epoch via set_epoch), drop_last (mixup needs even
     batches) unless keep_last_batch (the linear probe; a last batch of one image is still dropped, BatchNorm needs
@@ -262,13 +277,7 @@ def build_loaders(args, dataset_train, dataset_val, keep_last_batch: bool = Fals
     keep_last_batch = last_batch_kept(len(dataset_train), args.batch_size, world_size, keep_last_batch)
     loader_train = resumable_loader(dataset_train, args.batch_size, args.num_workers, args.seed, world_size, rank,
                                     pin_memory=pin_memory, keep_last_batch=keep_last_batch)
-    if args.dist_eval:
-        sampler_val = ShardSampler(len(dataset_val), rank, world_size)
-    else:
-        sampler_val = torch.utils.data.SequentialSampler(dataset_val)
-    loader_val = torch.utils.data.DataLoader(dataset_val, sampler=sampler_val, batch_size=args.batch_size,
-                                             drop_last=False, num_workers=args.num_workers, pin_memory=pin_memory,
-                                             persistent_workers=args.num_workers > 0)
+    loader_val = build_eval_loader(args, dataset_val, pin_memory=pin_memory, persistent_workers=args.num_workers > 0)
     if not args.eval:  # --eval reads only val (and test)
         check_one_batch_per_process(len(dataset_train), args.batch_size, world_size, drop_last=not keep_last_batch)
     dropped = 0 if keep_last_batch else per_rank - len(loader_train) * args.batch_size
@@ -439,16 +448,6 @@ def final_line_missing(output_dir) -> bool:
     return bool(lines) and "max_accuracy" not in json.loads(lines[-1])
 
 
-def build_test_loader(args, dataset_test):
-    """The held-out test split (or None), read like val."""
-    if dataset_test is None:
-        return None
-    sampler = ShardSampler(len(dataset_test), misc.get_rank(), misc.get_world_size()) if args.dist_eval else \
-        torch.utils.data.SequentialSampler(dataset_test)
-    return torch.utils.data.DataLoader(dataset_test, sampler=sampler, batch_size=args.batch_size,
-                                       num_workers=args.num_workers, drop_last=False)
-
-
 def setup(args, identity: dict, make_model=build_finetune_model, make_optimizer=build_optimizer,
           keep_last_batch=False):
     """Everything before the first step; errors here are the user's flags or files.
@@ -491,19 +490,16 @@ def setup(args, identity: dict, make_model=build_finetune_model, make_optimizer=
     return dict(model=model, model_without_ddp=model_without_ddp, loaders=loaders, criterion=criterion,
                 mixup_fn=mixup_fn, optimizer=optimizer, loss_scaler=loss_scaler, num_classes=num_classes,
                 max_accuracy=max_accuracy, identity=identity, checkpoint=checkpoint,
-                loader_test=build_test_loader(args, dataset_test))
+                loader_test=build_eval_loader(args, dataset_test) if dataset_test is not None else None)
 
 
-def preflight(args, world_size: int, make_model=None, keep_last_batch: bool = False) -> None:
+def preflight(args, world_size: int, make_model=build_finetune_model, keep_last_batch: bool = False) -> None:
     """The job's start-up checks, run by the submitit launcher in its own process before it submits
     (util/launch.py): flags, another run in the output folder, the data (every file's header, the classes, at least
     one batch per process of a `world_size`-process job), and the --finetune / --resume checkpoints loaded into the
     model they must fit. Writes nothing but the data index cache in the job's folder, when that folder is known now
     (a --job_dir without %j). make_model / keep_last_batch: as setup's (main_linprobe.py passes the probe's)."""
-    make_model = make_model or build_finetune_model
-    describe_model(args)
-    identity = run_identity(args)
-    resolve_defaults(args)
+    identity = resolve_defaults(args)
     if not args.overwrite:  # with --overwrite the job sets the earlier run aside itself, not this check
         find_resume_checkpoint(args, identity)
     dataset_train, dataset_val = build_datasets(args)
@@ -520,9 +516,7 @@ def preflight(args, world_size: int, make_model=None, keep_last_batch: bool = Fa
 
 def main(args, setup_fn=setup):
     """--eval: one evaluation pass; otherwise the training loop. setup_fn: main_linprobe.py's setup."""
-    describe_model(args)  # arch, sizes, channels, pooling and recipe from the checkpoint when left out
-    identity = run_identity(args)  # the flags as given, before the other defaults and the lr are filled in
-    resolve_defaults(args)
+    identity = resolve_defaults(args)  # arch, sizes, channels, pooling and recipe from the checkpoint when left out
     misc.init_distributed_mode(args)
     if args.eval:
         if not args.resume:

@@ -153,9 +153,12 @@ def describe_model(args) -> None:
         args.in_chans = recipe_in_chans(args.recipe)
 
 
-def resolve_defaults(args):
-    """Fill the defaults that depend on the machine or on other flags."""
-    describe_model(args)  # a no-op after main's call: the model flags left out, from the checkpoint
+def resolve_defaults(args) -> dict:
+    """Fill the model flags left out from the checkpoint (describe_model), then the defaults that depend on
+    the machine or on other flags. Returns the run identity (util.checkpoint.run_identity): the flags as given
+    with the model flags filled in, before the other defaults and the lr."""
+    describe_model(args)
+    identity = run_identity(args)
     resolve_num_workers(args)
     if args.amp_dtype is None:
         args.amp_dtype = "bf16" if str(args.device).startswith("cuda") else "none"
@@ -169,6 +172,7 @@ def resolve_defaults(args):
     augmentation_options(args)  # --crop_scale, --rotation, --max_shift: refused before anything is built
     if args.vis_channels:
         parse_channels(args.vis_channels, args.in_chans, "--vis_channels")
+    return identity
 
 
 def build_model(args):
@@ -221,9 +225,7 @@ def preflight(args, world_size: int) -> None:
     (util/launch.py): flags, the model, another run in the output folder, the data (every file's header, at least
     one batch per process of a `world_size`-process job), the kNN data and a --resume checkpoint. Writes nothing
     but the data index cache in the job's folder, when that folder is known now (a --job_dir without %j)."""
-    describe_model(args)
-    identity = run_identity(args)
-    resolve_defaults(args)
+    identity = resolve_defaults(args)
     if not args.overwrite:  # with --overwrite the job sets the earlier run aside itself, not this check
         find_resume_checkpoint(args, identity)
     model = build_model(args)
@@ -238,10 +240,8 @@ def preflight(args, world_size: int) -> None:
 
 
 def main(args):
-    describe_model(args)  # arch, sizes, channels and recipe from the checkpoint when left out
-    identity = run_identity(args)  # the flags as given, before the other defaults and the lr are filled in
     misc.init_distributed_mode(args)
-    resolve_defaults(args)
+    identity = resolve_defaults(args)  # arch, sizes, channels and recipe from the checkpoint when left out
     prepare_output_dir(args.output_dir)
     prepare_output_dir(args.log_dir, "--log_dir")
     with exclusive_output_dir(args.output_dir, enabled=misc.is_main_process()):

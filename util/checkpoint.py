@@ -246,18 +246,17 @@ def find_resume_checkpoint(args, identity: dict = None):
                 print(f"note: --resume {args.resume}: continuing with settings that differ from that run's: "
                       f"{'; '.join(differences)}")
         return args.resume
-    output_dir = getattr(args, "output_dir", None)
-    candidate = Path(output_dir) / ROLLING_CHECKPOINT if output_dir else None
-    if candidate is None or not candidate.is_file():
+    candidate = rolling_checkpoint(args)
+    if candidate is None:
         return None
     if getattr(args, "overwrite", False):
-        set_aside_previous_run(Path(output_dir))
+        set_aside_previous_run(candidate.parent)
         return None
     if identity is not None:
         differences = identity_differences(saved_identity(peek_checkpoint(candidate)), identity)
         if differences:
             raise CheckpointError(
-                f"--output_dir {output_dir} holds another run ({candidate}): {'; '.join(differences)}. "
+                f"--output_dir {args.output_dir} holds another run ({candidate}): {'; '.join(differences)}. "
                 f"To continue that run with these settings pass --resume {candidate}; to start a new run use "
                 f"another --output_dir, or --overwrite (the earlier run is moved into a sub-folder)")
     args.resume = str(candidate)
@@ -266,7 +265,7 @@ def find_resume_checkpoint(args, identity: dict = None):
 
 
 def peek_checkpoint(path) -> dict:
-    """A checkpoint's metadata (run, args, epoch, step) without reading its tensors (memory-mapped)."""
+    """A checkpoint's metadata (run, args) without reading its tensors (memory-mapped)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     checkpoint = torch_load(path, mmap=True)
@@ -274,8 +273,7 @@ def peek_checkpoint(path) -> dict:
         raise CheckpointError(f"{path} is not a training checkpoint (expected a dict, found a "
                               f"{type(checkpoint).__name__})")
     args = checkpoint.get("args")
-    return {"run": checkpoint.get("run"), "args": vars(args) if isinstance(args, argparse.Namespace) else args,
-            "epoch": checkpoint.get("epoch"), "step": checkpoint.get("step")}
+    return {"run": checkpoint.get("run"), "args": vars(args) if isinstance(args, argparse.Namespace) else args}
 
 
 def saved_args(path, tolerant: bool = False) -> dict:
@@ -308,11 +306,17 @@ def describing_checkpoint(args):
     the run-identity check reports differences), else None."""
     if getattr(args, "resume", None):
         return args.resume, True
-    output_dir = getattr(args, "output_dir", None)
-    candidate = Path(output_dir) / ROLLING_CHECKPOINT if output_dir else None
-    if candidate is not None and candidate.is_file() and not getattr(args, "overwrite", False):
+    candidate = rolling_checkpoint(args)
+    if candidate is not None and not getattr(args, "overwrite", False):
         return str(candidate), False
     return None, False
+
+
+def rolling_checkpoint(args):
+    """<output_dir>/checkpoint.pth when it exists (the run a restarted or requeued job continues), else None."""
+    output_dir = getattr(args, "output_dir", None)
+    candidate = Path(output_dir) / ROLLING_CHECKPOINT if output_dir else None
+    return candidate if candidate is not None and candidate.is_file() else None
 
 
 SET_ASIDE_PREFIX = "replaced_"

@@ -22,7 +22,7 @@ import torch
 
 import util.misc as misc
 from util import local_task
-from util.checkpoint import ROLLING_CHECKPOINT
+from util.checkpoint import rolling_checkpoint
 from util.cli import add_bool_flag, error_line, make_parser
 from util.errors import JobFailed, LaunchError, UserError
 from util.output import prepare_output_dir
@@ -260,8 +260,8 @@ class Trainer:
         Training writes <output_dir>/checkpoint.pth at the step the signal reached it (and after every epoch), so
         the requeued job continues with the next step.
         """
-        checkpoint = Path(self.args.output_dir) / ROLLING_CHECKPOINT
-        if checkpoint.is_file():
+        checkpoint = rolling_checkpoint(self.args)
+        if checkpoint is not None:
             self.args.resume = str(checkpoint)
         print(f"Requeuing job; it will resume from {self.args.resume or 'the start (no checkpoint yet)'}",
               flush=True)
