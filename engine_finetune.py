@@ -63,8 +63,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int
             requests = checkpoints.local_requests() if checkpoints is not None else []
             window_steps = losses.count
             means, requests = losses.sync(requests)
-            misc.check_finite({"loss": means["loss"]}, epoch, step,
-                               "Try a lower --blr/--lr, --clip_grad, or --amp_dtype none.")
+            misc.check_finite(means, epoch, step, "Try a lower --blr/--lr, --clip_grad, or --amp_dtype none.")
             metric_logger.meters["loss"].update(means["loss"], n=window_steps)
             metric_logger.update(lr=current_lr(optimizer))
             if log_writer is not None:

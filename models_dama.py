@@ -475,7 +475,6 @@ class MAE(nn.Module):
 
     num_students = 1
     loss_terms = ("loss",)  # the reconstruction loss is the whole loss
-    num_overlap = 0  # no patch is shared with a second student (main_pretrain prints it)
 
     def __init__(self, img_size=224, patch_size=16, in_chans=7, embed_dim=768, depth=12, num_heads=12,
                  decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0,

@@ -53,7 +53,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's mo
 
 from benchmarks.common import emit, fmt  # noqa: E402
 from util.datasets import ImageFileDataset, list_images  # noqa: E402
-from util.packed import CELLS_CSV, DATASET_JSON, FORMAT_NAME, FORMAT_VERSION, PackedCells, PackedWriter  # noqa: E402
+from util.packed import (CELLS_CSV, DATASET_JSON, FORMAT_NAME, FORMAT_VERSION, PackedCells, PackedWriter,  # noqa: E402
+                         write_cell_table, write_dataset_info)
 from util.gpu_augment import CroppedImageFiles, GPUAugment, WorkerCrop, crop_size  # noqa: E402
 from util.io import read_image, read_tensor_chw  # noqa: E402
 from util.synthetic import SyntheticCells  # noqa: E402
@@ -200,7 +201,6 @@ def bench_files(paths, layout, img_size, args) -> list:
 def write_packed_and_tiffs(folder: Path, num_cells: int, size: int, channels: int, seed=0) -> list:
     """The same random uint16 crops as a packed dataset in `folder` and as TIFF files in folder/tiff; returns the
     TIFF paths."""
-    import json
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True)
     writer = PackedWriter(folder, num_cells, channels, size)
@@ -210,11 +210,13 @@ def write_packed_and_tiffs(folder: Path, num_cells: int, size: int, channels: in
         writer.write(i, crop)
         paths.append(write_tiffs_one(folder / "tiff" / f"cell_{i:05d}.tif", crop))
     writer.close()
-    (folder / CELLS_CSV).write_text("index,slide,cell_id,x,y,crop_x,crop_y,area,label,split\n" + "".join(
-        f"{i},bench,{i},0,0,0,0,,,\n" for i in range(num_cells)))
-    (folder / DATASET_JSON).write_text(json.dumps(
-        {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "layout": "packed", "num_cells": num_cells,
-         "channel_names": [f"c{c}" for c in range(channels)], "crop_size": size, "classes": []}))
+    cells = list(range(num_cells))
+    write_cell_table(folder / CELLS_CSV, {"index": cells, "slide": ["bench"] * num_cells, "cell_id": cells,
+                                          **{c: [0] * num_cells for c in ("x", "y", "crop_x", "crop_y")},
+                                          **{c: [None] * num_cells for c in ("area", "label", "split")}})
+    write_dataset_info(folder / DATASET_JSON, {
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "layout": "packed", "num_cells": num_cells,
+        "channel_names": [f"c{c}" for c in range(channels)], "crop_size": size, "classes": []})
     return paths
 
 
@@ -564,13 +566,14 @@ def get_args_parser():
 
 def file_sets(args, tmp: Path):
     """(layout, img_size, paths) to measure: the --data_path files, or files written for each layout and size."""
-    for img_size in args.img_size:
-        if args.data_path:
-            paths = list_images(Path(args.data_path), recursive=True)
-            if not paths:
-                raise SystemExit(f"error: --data_path {args.data_path}: no image files found")
+    if args.data_path:  # listed once for every --img_size
+        paths = list_images(Path(args.data_path), recursive=True)
+        if not paths:
+            raise SystemExit(f"error: --data_path {args.data_path}: no image files found")
+        for img_size in args.img_size:
             yield "data_path", img_size, paths
-            continue
+        return
+    for img_size in args.img_size:
         for layout in args.layouts:
             folder = tmp / f"{layout}_{args.file_size or img_size}"
             paths = sorted(folder.glob("*.tif")) or write_tiffs(

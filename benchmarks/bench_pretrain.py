@@ -131,16 +131,16 @@ def random_batch(cfg: Config, args, device, batch_size=None, seed=0):
 
 def make_train_step(model, optimizer, loss_scaler, device, amp_dtype, imgs):
     """The engine's step without the data loader: no host sync anywhere inside."""
-    loss_sums = torch.zeros(len(LOSS_TERMS), device=device)  # the engine's on-device loss window
+    losses = misc.LossWindow(LOSS_TERMS, device)  # the engine's on-device loss window
 
     def step():
         with misc.autocast_context(device, amp_dtype):
             out = model(imgs, info_weight=1.0)
         loss_scaler(out["loss"], optimizer, update_grad=True)
         optimizer.zero_grad(set_to_none=True)
-        loss_sums.add_(torch.stack([out[k].detach().float() for k in LOSS_TERMS]))
+        losses.add([out[k] for k in LOSS_TERMS])
 
-    return step, loss_sums
+    return step, losses
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -238,25 +238,25 @@ def bench_config(cfg: Config, args, compiled: bool, device) -> dict:
     optimizer, loss_scaler = build_optimizer(model, cfg, device)
     flops = count_step_flops(model, cfg, args, device)
     imgs = random_batch(cfg, args, device)
-    step, loss_sums = make_train_step(maybe_compile(model, compiled, args.compile_mode), optimizer, loss_scaler,
-                                      device, cfg.amp_dtype, imgs)
+    step, loss_window = make_train_step(maybe_compile(model, compiled, args.compile_mode), optimizer, loss_scaler,
+                                        device, cfg.amp_dtype, imgs)
     for _ in range(args.warmup):
         step()
     host_syncs = [] if args.check_syncs and device.type == "cuda" else None
     step_ms = time_steps(step, args.steps, device, host_syncs)
-    losses = (loss_sums / (args.warmup + args.steps)).tolist()  # the one host read, after timing
+    losses, _ = loss_window.sync()  # the one host read, after timing: {term: mean over every step}
     row = base_row(cfg, args, compiled, device)
     row.update(step_ms=round(step_ms, 3), img_per_s=round(cfg.batch_size * 1e3 / step_ms, 1),
                flop_per_step=flops, flop_per_img=flops // cfg.batch_size,
                tflops=round(flops / (step_ms * 1e-3) / 1e12, 3), peak_mem_gib=peak_mem_gib(device),
                fused_attn=uses_fused_attention(model), fused_adamw=bool(optimizer.defaults.get("fused")),
-               mean_loss=round(losses[0], 5), steps=args.steps, warmup=args.warmup,
+               mean_loss=round(losses["loss"], 5), steps=args.steps, warmup=args.warmup,
                host_syncs=None if host_syncs is None else len(host_syncs),
                first_host_sync=host_syncs[0] if host_syncs else None,
                reference_img_per_s=REFERENCE_IMG_PER_S.get(cfg.key), target_img_per_s=TARGET_IMG_PER_S.get(cfg.key),
                target_peak_mem_gib=TARGET_PEAK_MEM_GIB.get(cfg.key))
-    if not all(math.isfinite(v) for v in losses):
-        row["error"] = f"non-finite loss during the benchmark: {dict(zip(LOSS_TERMS, losses))}"
+    if not all(math.isfinite(v) for v in losses.values()):
+        row["error"] = f"non-finite loss during the benchmark: {losses}"
     return row
 
 

@@ -4,7 +4,6 @@ import datetime
 import json
 import math
 import os
-import random
 import re
 import time
 from collections import defaultdict, deque
@@ -15,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from util.errors import ConfigError, LaunchError, NonFiniteLossError
+from util.sampling import seed_all
 
 # The interpreter's own print, kept so that the override below can be installed (and undone) any number of times.
 _BUILTIN_PRINT = builtins.print
@@ -185,9 +185,7 @@ def seed_everything(seed: int) -> int:
     """Seed torch, numpy and random with seed + rank: the model's initialisation (DDP broadcasts rank 0's) and anything
     not seeded per sample (util.sampling.SeededSamples) or per step (util.sampling.seed_step)."""
     seed = int(seed) + get_rank()
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)  # numpy only accepts 32-bit seeds
-    random.seed(seed)
+    seed_all(seed)
     return seed
 
 

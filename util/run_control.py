@@ -48,10 +48,6 @@ class StopSignals:
             signal.signal(signum, handler)
         self._previous.clear()
 
-    def previous_handler(self, signum):
-        """The handler that was installed before install() (submitit's requeue handler under submitit)."""
-        return self._previous.get(signum)
-
     def _record(self, signum, frame):
         if self.received == signum:  # asked twice: stop now, as without this handler
             self.uninstall()
