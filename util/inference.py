@@ -20,7 +20,6 @@ embedding of an image is `model.forward_head(model.forward_features(x), pre_logi
 A classifier's pooling is fixed by its weights (fc_norm or not); an encoder's is chosen with --pool.
 """
 import argparse
-import csv
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +33,7 @@ from util.convert import (checkpoint_args, check_shapes, encoder_metadata, fit_p
 from util.datasets import ImageFileDataset, class_folders, image_folder_samples, list_images
 from util.errors import CheckpointError, ConfigError, DataError
 from util.filelist import FileList, check_files
-from util.packed import (CELLS_CSV, describe_folder_dataset, prepared_layout, read_cell_table, read_dataset_info,
+from util.packed import (describe_folder_dataset, prepared_layout, read_cell_table, read_dataset_info,
                          split_positions, take_rows)
 from util.features import DEFAULT_POOL
 from util.transforms import DEFAULT_VAL_CROP, CentreCropResize, TensorTransform, dtype_scale
@@ -242,11 +241,6 @@ class PredictionView(TensorTransform):
 # --------------------------------------------------------------------------------------------------
 # Image folders (predict_cells.py, extract_features.py)
 # --------------------------------------------------------------------------------------------------
-def read_file_column(root) -> np.ndarray:
-    with open(Path(root) / CELLS_CSV, newline="") as f:
-        return np.array([row.get("file") or "" for row in csv.DictReader(f)], dtype=str)
-
-
 def folder_table(root: Path, relpaths, labels, classes) -> dict:
     """A cell table for images without one: no slide, no position; cell_id = the file's path in the folder."""
     count = len(relpaths)
@@ -262,8 +256,7 @@ def list_folder_images(root: Path, split=None, require_split: bool = False) -> t
     cell, whatever split folder holds it; `split` picks one), or a folder's images in class sub-folders (labelled)
     and directly in it (label -1)."""
     if prepared_layout(root) == "tiff":
-        info, table = read_dataset_info(root), read_cell_table(root)
-        table["file"] = read_file_column(root)
+        info, table = read_dataset_info(root), read_cell_table(root, optional_columns=("file",))
         table = take_rows(table, split_positions(table, split, root, require_split))
         classes = list(info["classes"])
         labels = [classes.index(label) if label in classes else -1 for label in table["label"].tolist()]

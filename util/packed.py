@@ -80,9 +80,10 @@ def read_dataset_info(root) -> dict:
 INT_COLUMNS, FLOAT_COLUMNS = ("index", "crop_x", "crop_y", "area"), ("x", "y")
 
 
-def read_cell_table(root) -> dict:
+def read_cell_table(root, optional_columns=()) -> dict:
     """cells.csv as column arrays: index, crop_x, crop_y, area int64 (area -1 when unknown), x, y float64, and
-    slide, cell_id, label, split as numpy str arrays ('' when empty). Arrays, not dicts per row: a slide can hold
+    slide, cell_id, label, split as numpy str arrays ('' when empty), plus each of `optional_columns` as a str array
+    ('' where the file lacks it; e.g. a --format tiff folder's "file"). Arrays, not dicts per row: a slide can hold
     millions of cells, and every DataLoader worker keeps a copy."""
     path = Path(root) / CELLS_CSV
     try:
@@ -92,8 +93,9 @@ def read_cell_table(root) -> dict:
             missing = [c for c in TABLE_COLUMNS if c not in header]
             if missing:
                 raise DataError(f"{path}: columns {missing} are missing; expected {', '.join(TABLE_COLUMNS)}")
-            values = {c: [] for c in TABLE_COLUMNS}
-            positions = [(c, header.index(c)) for c in TABLE_COLUMNS]
+            columns = [*TABLE_COLUMNS, *optional_columns]
+            values = {c: [] for c in columns}
+            positions = [(c, header.index(c) if c in header else len(header)) for c in columns]
             for row in reader:
                 for column, position in positions:
                     values[column].append(row[position] if position < len(row) else "")
