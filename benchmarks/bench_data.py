@@ -210,10 +210,10 @@ def write_packed_and_tiffs(folder: Path, num_cells: int, size: int, channels: in
         writer.write(i, crop)
         paths.append(write_tiffs_one(folder / "tiff" / f"cell_{i:05d}.tif", crop))
     writer.close()
-    cells = list(range(num_cells))
-    write_cell_table(folder / CELLS_CSV, {"index": cells, "slide": ["bench"] * num_cells, "cell_id": cells,
-                                          **{c: [0] * num_cells for c in ("x", "y", "crop_x", "crop_y")},
-                                          **{c: [None] * num_cells for c in ("area", "label", "split")}})
+    cells = np.arange(num_cells)
+    write_cell_table(folder / CELLS_CSV, {"index": cells, "slide": np.full(num_cells, "bench"), "cell_id": cells,
+                                          **{c: np.zeros(num_cells, int) for c in ("x", "y", "crop_x", "crop_y")},
+                                          **{c: np.full(num_cells, None) for c in ("area", "label", "split")}})
     write_dataset_info(folder / DATASET_JSON, {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "layout": "packed", "num_cells": num_cells,
         "channel_names": [f"c{c}" for c in range(channels)], "crop_size": size, "classes": []})
