@@ -339,31 +339,30 @@ def parent_groups(data_path, samples) -> list:
     return keys
 
 
-def read_cell_table(root: Path, flag: str):
-    """(columns, rows as dicts, every column kept) of <root>/cells.csv, the cell table of a prepared dataset;
-    `flag` names what asked for it in the error."""
+def read_cell_table(root: Path, flag: str, header_only: bool = False):
+    """(columns, rows as dicts, every column kept) of <root>/cells.csv, the cell table of a prepared dataset (rows
+    None with header_only); `flag` names what asked for it in the error."""
     table = Path(root) / "cells.csv"
     try:
         with open(table, newline="") as f:
             reader = csv.DictReader(f)
-            return list(reader.fieldnames or []), list(reader)
+            return list(reader.fieldnames or []), None if header_only else list(reader)
     except OSError as exc:
         raise CrossvalError(f"{flag}: cannot read {table} ({exc})") from exc
 
 
-def cell_table_columns(data_path, column: str) -> list:
-    """The columns of a prepared dataset's cell table; CrossvalError naming them when `column` is not one of them,
-    or naming the choices when data_path holds no prepared dataset."""
+def check_table_column(data_path, column: str) -> None:
+    """CrossvalError naming the columns of a prepared dataset's cell table when `column` is not one of them, or
+    naming the choices when data_path holds no prepared dataset."""
     root = Path(data_path).expanduser() if data_path else None
     if root is None or not (root / "dataset.json").is_file():
         raise CrossvalError(f"--group_by {column}: expected 'parent' for a folder of images, or a column of cells.csv "
                             f"in a packed cell dataset (a --data_path holding dataset.json); {root} holds no "
                             "dataset.json")
-    columns, _ = read_cell_table(root, f"--group_by {column}")
+    columns, _ = read_cell_table(root, f"--group_by {column}", header_only=True)
     if column not in columns:
         raise CrossvalError(f"--group_by {column}: {root / 'cells.csv'} has no column {column!r}; its "
                             f"columns are {', '.join(columns)}")
-    return columns
 
 
 # --------------------------------------------------------------------------------------------------
@@ -440,7 +439,7 @@ def make_folds(args) -> dict:
     """The split as stored in folds.json: source, data layout, classes and, per fold, its test, train and val
     samples (each with its label and group; an image by its path, a packed dataset's cell by its index)."""
     if args.group_by not in (None, "parent"):  # a cell-table column: named wrongly, it fails before any listing
-        cell_table_columns(args.data_path, args.group_by)
+        check_table_column(args.data_path, args.group_by)
     source = data_source(args)
     layout = data_layout(args)
     samples, classes, rows = labelled_samples(args, layout)
@@ -461,9 +460,8 @@ def make_folds(args) -> dict:
         train, val = inner_split(train_part, labels, groups, args.val_fraction, args.seed + 1 + fold, fold,
                                  args.group_by)
         folds.append({"test": entries(test), "train": entries(train), "val": entries(val)})
-    return {"format": FOLDS_FORMAT, "source": source, "data_layout": layout, "num_folds": args.folds,
-            "seed": args.seed, "group_by": args.group_by, "val_fraction": args.val_fraction, "classes": classes,
-            "folds": folds}
+    return {"format": FOLDS_FORMAT, "source": source, "data_layout": layout, **split_settings(args),
+            "classes": classes, "folds": folds}
 
 
 def split_settings(args) -> dict:
@@ -514,14 +512,14 @@ def fold_tree_splits(fold: dict, layout: str) -> dict:
     return {"train": fold["train"] + fold["val"], "val": fold["test"]}
 
 
-def write_fold_data(folds: dict, fold: int, root: Path, layout: str = INNER_VAL) -> Path:
+def write_fold_data(folds: dict, fold: int, root: Path, layout: str = INNER_VAL, source_table=None) -> Path:
     """<root>/fold_<i>/, the --data_path of fold i's runs, rebuilt from folds.json every time (never stale): a
     prepared dataset for a packed source, else a tree of links to the images."""
     fold_dir = root / f"fold_{fold}"
     shutil.rmtree(fold_dir, ignore_errors=True)
     fold_dir.mkdir(parents=True)
     if folds.get("data_layout") == PACKED:
-        return write_fold_dataset(folds, fold, fold_dir, layout)
+        return write_fold_dataset(folds, fold, fold_dir, layout, source_table or read_source_table(folds))
     return write_fold_tree(folds, fold, fold_dir, layout)
 
 
@@ -542,20 +540,28 @@ def write_fold_tree(folds: dict, fold: int, fold_dir: Path, layout: str) -> Path
     return fold_dir
 
 
-def write_fold_dataset(folds: dict, fold: int, fold_dir: Path, layout: str) -> Path:
+def read_source_table(folds: dict):
+    """(dataset.json, cells.csv columns, cells.csv rows) of the packed dataset that folds.json splits: read once
+    for all folds (write_fold_dataset rewrites each row's split and the counts of dataset.json for every fold)."""
+    from util.packed import read_dataset_info
+
+    source = Path(folds["source"])
+    return (read_dataset_info(source), *read_cell_table(source, FOLDS_FILE))
+
+
+def write_fold_dataset(folds: dict, fold: int, fold_dir: Path, layout: str, source_table) -> Path:
     """<fold_dir>/ as a packed dataset the training scripts read directly: cells.npy linked to the source's,
     cells.csv the source's with its split column set to fold i's train / val / test (fold_tree_splits; empty for
     cells outside the split, e.g. unlabelled ones), dataset.json copied with its split counts and split
-    description updated (written last: it marks the folder complete)."""
-    from util.packed import CELLS_NPY, read_dataset_info
+    description updated (written last: it marks the folder complete). source_table: read_source_table(folds)."""
+    from util.packed import CELLS_NPY
 
     source = Path(folds["source"])
-    info = read_dataset_info(source)
+    info, columns, rows = source_table
     split_of = {}
     for split, entries in fold_tree_splits(folds["folds"][fold], layout).items():
         for entry in entries:
             split_of[entry["index"]] = (split, folds["classes"][entry["label"]])
-    columns, rows = read_cell_table(source, FOLDS_FILE)
     found = 0
     for row in rows:
         split, label = split_of.get(cell_index(row, source), ("", None))
@@ -702,7 +708,8 @@ def run_all(args, rows, folds, train_args) -> dict:
     output_dir = Path(args.output_dir).resolve()
     layout = LAYOUT[args.metric]
     fold_root = output_dir / FOLD_DATA_DIR[layout]
-    fold_dirs = [write_fold_data(folds, i, fold_root, layout) for i in range(args.folds)]
+    source_table = read_source_table(folds) if folds.get("data_layout") == PACKED else None
+    fold_dirs = [write_fold_data(folds, i, fold_root, layout, source_table) for i in range(args.folds)]
     run_dirs, jobs = {}, []
     total = len(rows) * args.folds
     for r, (name, checkpoint) in enumerate(rows):
