@@ -22,9 +22,7 @@ sub-folder, -1 for images directly in --data_path; the synthetic cell type), pat
 'synthetic:<index>'), classes [K] str, and pool, student, checkpoint. Load with np.load(path) (no pickle needed).
 """
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +35,7 @@ from util.errors import ConfigError
 from util.features import extract_features
 from util.inference import (add_model_flags, build_model, build_view, describe_checkpoint, describe_in_words,
                             embed_and_classify, open_image_folder, resolve_model_flags, view_crop)
+from util.output import atomic_file
 from util.packed import open_packed_dataset, prepared_layout
 from util.synthetic import SyntheticCells
 
@@ -122,8 +121,8 @@ def feature_dataset(args, geometry: dict):
                                                             dataset.table["cell_id"].tolist())]
         return dataset, paths, dataset.classes
     # every image: class sub-folders (and loose images, label -1), or a prepared TIFF folder's cells by cells.csv
-    dataset, table, _ = open_image_folder(root, in_chans, transform, geometry.get("normalization"),
-                                          args.channel_names)
+    dataset, table = open_image_folder(root, in_chans, transform, geometry.get("normalization"),
+                                       args.channel_names)
     return checked(dataset), [str(root / path) for path in table["file"].tolist()], dataset.classes
 
 
@@ -148,17 +147,9 @@ def output_path(args) -> Path:
 
 
 def save_npz(out: Path, **arrays) -> None:
-    """np.savez into a temporary file beside `out`, then renamed over it: never a half-written file."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """np.savez through util.output.atomic_file: never a half-written file."""
+    with atomic_file(out) as f:
+        np.savez(f, **arrays)
 
 
 def main(args) -> Path:

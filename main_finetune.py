@@ -321,20 +321,6 @@ def build_optimizer(args, model_without_ddp):
     return torch.optim.AdamW(param_groups, lr=args.lr, fused=fused)
 
 
-def build_log_writer(args):
-    if not misc.is_main_process() or not args.log_dir:
-        return None
-    from torch.utils.tensorboard import SummaryWriter  # imported here: slow, and only rank 0 needs it
-    return SummaryWriter(log_dir=args.log_dir)
-
-
-def wrap_ddp(args, model):
-    if not args.distributed:
-        return model
-    device_ids = [torch.device(args.device)] if str(args.device).startswith("cuda") else None  # cuda:<index>
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=False)
-
-
 def print_eval_accuracy(num_images: int, stats: dict):
     print(f"Accuracy of the network on the {num_images} test images: {stats['acc1']:.2f}%")
 
@@ -398,7 +384,7 @@ def train(args, run: dict):
         SaveSchedule(args.save_every_steps, args.save_every_minutes, stop_signals),
         lambda epoch, step, state: save(epoch, extra={"step": step, "epoch_state": state,
                                                        "max_accuracy": max_accuracy}))
-    log_writer = build_log_writer(args)
+    log_writer = misc.build_log_writer(args)
     n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
     where = f"epoch {args.start_epoch}" + (f", step {args.start_step}" if args.start_step else "")
     print(f"Start training for {args.epochs} epochs from {where}")
@@ -478,7 +464,7 @@ def setup(args, identity: dict, make_model=build_finetune_model, make_optimizer=
     model = make_model(args, num_classes)
     model.to(args.device)
     model_without_ddp = model
-    model = wrap_ddp(args, model)
+    model = misc.wrap_ddp(args, model)
 
     resolve_lr(args, misc.get_world_size())
     effective_batch = args.batch_size * args.accum_iter * misc.get_world_size()

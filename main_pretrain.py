@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.tensorboard import SummaryWriter
 
 import models_dama
 import util.misc as misc
@@ -284,9 +283,7 @@ def train(args, identity: dict):
     resolve_lr(args, args.world_size)
     print(f"base lr: {args.lr * 256 / eff_batch_size:.2e}, actual lr: {args.lr:.2e}, "
           f"effective batch size: {eff_batch_size}")
-    if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device] if device.type == "cuda" else None, find_unused_parameters=False)
+    model = misc.wrap_ddp(args, model)
     param_groups = param_groups_weight_decay(model_without_ddp, args.weight_decay)
     optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
     loss_scaler = misc.LossScaler(args.amp_dtype, device.type)
@@ -302,7 +299,7 @@ def train(args, identity: dict):
     checkpoints = MidEpochCheckpoints(
         SaveSchedule(args.save_every_steps, args.save_every_minutes, stop_signals),
         lambda epoch, step, state: save(epoch, extra={"step": step, "epoch_state": state}))
-    log_writer = SummaryWriter(log_dir=args.log_dir) if misc.is_main_process() else None
+    log_writer = misc.build_log_writer(args)
     where = f"epoch {args.start_epoch}" + (f", step {args.start_step}" if args.start_step else "")
     print(f"Start training for {args.epochs} epochs from {where}")
     start_time = time.time()

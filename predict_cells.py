@@ -115,28 +115,17 @@ def load_predictor(args):
 # --------------------------------------------------------------------------------------------------
 # The cells
 # --------------------------------------------------------------------------------------------------
-def check_crop_size(sides, crop: int, img_size: int, root, resize: bool) -> None:
-    """Crops (side lengths, any number) must hold the view's centre crop, as fine-tuning's validation crops did
-    (centre `crop` px, resized to the model's input), unless --resize scales each crop to the input size first."""
-    small = sorted({int(s) for s in sides if int(s) < crop})
-    if small and not resize:
-        raise DataError(f"--data_path {root}: the crops are {small[0]} px, smaller than the view's {crop} px centre "
-                        f"crop (the fine-tuning run's --val_crop, or --val_crop); prepare the cells with a "
-                        f"--crop_size of at least {crop}, or pass --resize to resize each crop to the model's "
-                        f"{img_size} px input first")
-
-
 def split_of(args):
     return None if args.split == "all" else args.split
 
 
 def open_packed(root, args, description, view):
-    """(PackedCells, its cell table, slide extents {name: (height, width)}, crop sides)."""
+    """(PackedCells, its cell table, slide extents {name: (height, width)})."""
     data_args = argparse.Namespace(in_chans=description["in_chans"], channel_names=args.channel_names)
     dataset = open_packed_dataset(root, data_args, view, split=split_of(args), require_split=args.split != "all")
     extents = {slide["name"]: (slide["height"], slide["width"]) for slide in dataset.info.get("slides", [])
                if "height" in slide and "width" in slide}
-    return dataset, dict(dataset.table), extents, [dataset.crop_size]
+    return dataset, dict(dataset.table), extents
 
 
 def predict_crop(args, description: dict) -> int:
@@ -151,17 +140,17 @@ def predict_crop(args, description: dict) -> int:
 
 def open_cells(args, description, crop: int):
     """(dataset of (view(cell), label), table {column: array, in dataset order}, slide extents), checked against the
-    model: channel names, crop size, channel count. The view: centre crop `crop`, resized to the model's input."""
+    model: channel names, crop size, channel count. The view: centre crop `crop`, resized to the model's input.
+    Crops smaller than the view needs (view.min_side) are refused by the dataset openers, naming the file or size."""
     root = data_root(args)
     view = build_view(description["img_size"], crop, description["mean"], description["std"], resize=args.resize)
     if prepared_layout(root) == "packed":
-        dataset, table, extents, sides = open_packed(root, args, description, view)
+        dataset, table, extents = open_packed(root, args, description, view)
     else:
-        dataset, table, sides = open_image_folder(root, description["in_chans"], view, description["normalization"],
-                                                  args.channel_names, split_of(args), args.split != "all")
+        dataset, table = open_image_folder(root, description["in_chans"], view, description["normalization"],
+                                           args.channel_names, split_of(args), args.split != "all")
         extents = {}
     check_data_channels(description["channel_names"], dataset, args, f"checkpoint {args.checkpoint}")
-    check_crop_size(sides, crop, description["img_size"], root, args.resize)
     if len(dataset) < misc.get_world_size():
         raise DataError(f"--data_path {root}: {len(dataset)} cells are fewer than the {misc.get_world_size()} "
                         f"processes")

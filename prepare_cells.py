@@ -27,7 +27,7 @@ from util.cli import CommandLineParser, DescribedHelpFormatter, run_tool
 from util.errors import ConfigError, DataError
 from util.normalize import (DEFAULT_PERCENTILES, apply_recipe, check_percentiles, none_recipe, percentile_recipe,
                             sample_pixels)
-from util.packed import (CELLS_CSV, DATASET_JSON, FORMAT_NAME, FORMAT_VERSION, PackedWriter, StagedOutput, TiffWriter,
+from util.packed import (CELLS_CSV, CELLS_NPY, DATASET_JSON, FORMAT_NAME, FORMAT_VERSION, PackedWriter, StagedOutput, TABLE_COLUMNS, TiffWriter,
                          check_output_dir, write_cell_table, write_dataset_info)
 from util.slides import (anchor_centres, file_stem, measure_mask, open_mask, open_slide, parse_select,
                          read_table_cells, resolve_channels, round_half_up)
@@ -398,7 +398,7 @@ def dataset_info(args, slides, names, table, recipe, split) -> dict:
         "normalization": recipe, "split": split,
         "slides": [{"name": s.name, "image": str(s.path), "cells": str(c), "height": s.height, "width": s.width,
                     "dtype": str(s.dtype), "channels": names} for s, c in zip(slides, cells_per_slide(args, slides))],
-        "files": {"crops": "cells.npy" if args.format == "packed" else None, "table": CELLS_CSV},
+        "files": {"crops": CELLS_NPY if args.format == "packed" else None, "table": CELLS_CSV},
     }
 
 
@@ -426,8 +426,7 @@ def main(args) -> Path:
                 files = write_crops(slides, channels, table, recipe, writer, args.crop_size)
             finally:
                 writer.close()
-            columns = {key: table[key] for key in ("index", "slide", "cell_id", "x", "y", "crop_x", "crop_y", "area",
-                                                   "label", "split")}
+            columns = {key: table[key] for key in TABLE_COLUMNS}
             if args.format == "tiff":
                 columns["file"] = files
             write_cell_table(folder / CELLS_CSV, columns)

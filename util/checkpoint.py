@@ -1,7 +1,6 @@
 """Training checkpoints: atomic writes, weights_only-loadable contents, clear errors, and resume."""
 import argparse
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import torch
 
 from util.errors import CheckpointError, ConfigError
 from util.misc import is_main_process
+from util.output import atomic_file
 
 ROLLING_CHECKPOINT = "checkpoint.pth"
 _KEYS_SHOWN = 5  # how many mismatched state-dict keys an error message lists
@@ -48,36 +48,8 @@ def save_checkpoint(path, state: dict):
     """
     if not is_main_process():
         return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp_name, 0o644)  # mkstemp makes the file private; a checkpoint is ordinarily shared
-        os.replace(tmp_name, path)  # atomic on POSIX and Windows within one filesystem
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(folder) -> None:
-    """Flush a folder's entries to disk: after a rename, a node crash could otherwise lose the new name (and with
-    it the new checkpoint) although the file's data was already written."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # e.g. a file system that cannot open folders: nothing more can be done
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    with atomic_file(path, durable=True) as f:
+        torch.save(state, f)
 
 
 def checkpoint_filename(name=None) -> str:

@@ -295,9 +295,11 @@ def build_finetune_test_dataset(args, classes) -> Dataset:
     val_crop = int(getattr(args, "val_crop", None) or DEFAULT_VAL_CROP)
     transform = build_finetune_transform(False, args.img_size, val_crop)
     if recipe(args) != "imagenet" and prepared_layout(root) == "packed":
-        if not packed_split_size(root, "test"):
+        table = read_cell_table(root)  # read once: whether there is a test split, then its cells
+        if not (table["split"] == "test").any():
             return None
-        return open_packed_dataset(root, args, transform, split="test", require_split=True, require_labels=True)
+        return open_packed_dataset(root, args, transform, split="test", require_split=True, require_labels=True,
+                                   table=table)
     folder = root / "test"
     if not folder.is_dir():
         return None
@@ -308,8 +310,3 @@ def build_finetune_test_dataset(args, classes) -> Dataset:
         from util.imagenet import imagenet_classification_dataset
         return imagenet_classification_dataset(samples, False, args)
     return checked_folder_dataset(samples, classes, args, transform, root, estimate=False)
-
-
-def packed_split_size(root: Path, split: str) -> int:
-    """How many cells of a packed dataset's cells.csv are in `split`."""
-    return int((read_cell_table(root)["split"] == split).sum())

@@ -43,14 +43,10 @@ def check_pool(pool: str) -> None:
         raise ConfigError(f"feature pooling must be one of {POOLINGS}, got {pool!r}")
 
 
-def pool_tokens(tokens: torch.Tensor, pool: str, num_prefix_tokens: int = 1, norm=None) -> torch.Tensor:
-    """Encoder tokens [N, P+L, D] (P prefix tokens, cls first) -> image features [N, D]: the cls token
-    ('cls') or the mean of the patch tokens ('mean'), passed through `norm` when given (a fine-tuned
-    global-pool model's fc_norm)."""
-    if pool == "cls":
-        return tokens[:, 0]
-    pooled = tokens[:, num_prefix_tokens:].mean(dim=1)
-    return pooled if norm is None else norm(pooled)
+def pool_tokens(tokens: torch.Tensor, pool: str) -> torch.Tensor:
+    """Encoder tokens [N, 1+L, D] (cls first) -> image features [N, D]: the cls token ('cls') or the mean of the
+    patch tokens ('mean')."""
+    return tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(dim=1)
 
 
 def student_encoder(student, pool: str = DEFAULT_POOL):
@@ -106,16 +102,21 @@ def extract_features(encoder_fn, loader, device, amp_dtype: str = "none", print_
     return features, labels
 
 
+def rank_counts(rows: int) -> list:
+    """Every rank's `rows` (one all_gather), in rank order."""
+    count = torch.tensor([rows], device=misc.comm_device())
+    counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, count)
+    return [int(c.item()) for c in counts]
+
+
 def gather_from_ranks(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate each rank's [n_r, ...] tensor along dim 0 (ranks may hold different n_r); a no-op when
     not distributed. Rows keep rank order, which is enough for kNN (the order of a set does not matter)."""
     if not misc.is_dist_avail_and_initialized():
         return tensor
     world_size = dist.get_world_size()
-    count = torch.tensor([tensor.shape[0]], device=tensor.device)
-    counts = [torch.zeros_like(count) for _ in range(world_size)]
-    dist.all_gather(counts, count)
-    counts = [int(c.item()) for c in counts]
+    counts = rank_counts(tensor.shape[0])
     # all_gather needs equal shapes: pad every shard to the largest, then drop the padding
     padded = tensor.new_zeros((max(counts),) + tuple(tensor.shape[1:]))
     padded[:tensor.shape[0]] = tensor
@@ -130,12 +131,8 @@ def gather_to_main(tensor: torch.Tensor, chunk_rows: int = 8192):
     stay small whatever the number of rows (a whole slide's embeddings)."""
     if not misc.is_dist_avail_and_initialized():
         return tensor
-    world_size, is_main = dist.get_world_size(), misc.is_main_process()
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    count = torch.tensor([tensor.shape[0]], device=device)
-    counts = [torch.zeros_like(count) for _ in range(world_size)]
-    dist.all_gather(counts, count)
-    counts = [int(c.item()) for c in counts]
+    world_size, is_main, device = dist.get_world_size(), misc.is_main_process(), misc.comm_device()
+    counts = rank_counts(tensor.shape[0])
     pieces = [[] for _ in range(world_size)]
     for offset in range(0, max(counts), chunk_rows):
         rows = min(chunk_rows, max(counts) - offset)

@@ -24,7 +24,6 @@ process pool in chunks, so 1.28 M ImageNet headers take minutes once, and nothin
 """
 import hashlib
 import os
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from PIL import Image
 from util.errors import DataError
 from util.io import (IMAGE_EXTENSIONS, TIFF_EXTENSIONS, check_pixel_type, check_shape, pil_channels_and_dtype,
                      read_pil_chw, tiff_axis_order)
+from util.output import atomic_file
 
 INDEX_FORMAT = 1  # bump when the npz layout changes: older index files are then rebuilt
 FLAT = "<flat>"  # the class list of a flat folder in the index (its single label is 0)
@@ -272,17 +272,8 @@ def _save_index(index_path: Path, arrays: dict) -> None:
     """np.savez to a temporary name beside `index_path`, then rename: readers see the old or the new file.
     A cache that cannot be written is a warning, not an error: the run works without it."""
     try:
-        index_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=index_path.parent, prefix=f".{index_path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-            os.chmod(tmp_name, 0o644)
-            os.replace(tmp_name, index_path)
-        except BaseException:
-            if os.path.exists(tmp_name):
-                os.unlink(tmp_name)
-            raise
+        with atomic_file(index_path) as f:
+            np.savez(f, **arrays)
     except OSError as exc:
         print(f"warning: cannot write the file index {index_path} ({exc}); the folder is listed again next time")
 

@@ -53,7 +53,6 @@ class CroppedImageFiles(ImageFileDataset):
 
     def __init__(self, samples, classes, in_chans: int, img_size: int, crop_scale=None):
         super().__init__(samples, classes, in_chans, WorkerCrop(img_size, crop_scale))
-        self.crop = self.transform.out_side
 
 
 def build_gpu_pretrain_dataset(args) -> Dataset:

@@ -272,13 +272,13 @@ def list_folder_images(root: Path, split=None, require_split: bool = False) -> t
 
 def open_image_folder(root: Path, in_chans: int, view, normalization=None, channel_names=None, split=None,
                       require_split: bool = False):
-    """(ImageFileDataset, its cell table, image sides): every file's header checked first (channels, size), all
+    """(ImageFileDataset, its cell table): every file's header checked first (channels, size: view.min_side), all
     bad files reported at once; the checkpoint's recipe applied to raw images (a prepared folder is already
     normalised)."""
     relpaths, labels, classes, table = list_folder_images(root, split, require_split)
     files = FileList.from_paths(root, relpaths, labels, classes)
-    files, headers, _ = check_files(files, in_chans, view.min_side)
+    files, _, _ = check_files(files, in_chans, view.min_side)
     dataset = ImageFileDataset(files, classes, in_chans, view)
     folder_args = argparse.Namespace(channel_names=channel_names, normalization=normalization)
     dataset = describe_folder_dataset(dataset, root, folder_args, estimate=False)
-    return dataset, table, np.concatenate([headers.height, headers.width])
+    return dataset, table

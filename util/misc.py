@@ -189,7 +189,7 @@ def seed_everything(seed: int) -> int:
     return seed
 
 
-def _comm_device() -> torch.device:
+def comm_device() -> torch.device:
     """Where tensors must live for collectives: nccl only reduces GPU tensors."""
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -218,7 +218,7 @@ def all_reduce_mean(value) -> float:
     if not torch.is_tensor(value):
         if not is_dist_avail_and_initialized():
             return float(value)
-        value = torch.tensor(float(value), device=_comm_device())
+        value = torch.tensor(float(value), device=comm_device())
     (mean,) = all_reduce_mean_list(value)
     return mean
 
@@ -231,7 +231,7 @@ def main_process_first():
     if not is_dist_avail_and_initialized():
         yield
         return
-    done = torch.zeros(1, device=_comm_device())
+    done = torch.zeros(1, device=comm_device())
     if get_rank() == 0:
         try:
             yield
@@ -243,6 +243,22 @@ def main_process_first():
     if done.item() != 1.0:
         raise LaunchError("rank 0 could not prepare the data (its error is above, or in its log); stopping too")
     yield
+
+
+def wrap_ddp(args, model):
+    """model in DistributedDataParallel when the run is distributed (one device per process), else model."""
+    if not args.distributed:
+        return model
+    device_ids = [torch.device(args.device)] if str(args.device).startswith("cuda") else None  # cuda:<index>
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=False)
+
+
+def build_log_writer(args):
+    """TensorBoard writer into --log_dir on the main process, None elsewhere (or without a --log_dir)."""
+    if not is_main_process() or not args.log_dir:
+        return None
+    from torch.utils.tensorboard import SummaryWriter  # imported here: slow, and only rank 0 needs it
+    return SummaryWriter(log_dir=args.log_dir)
 
 
 def unwrap_model(model):
@@ -285,7 +301,7 @@ class SmoothedValue:
         """Sum count and total over ranks so global_avg is the all-rank average (the window stays local)."""
         if not is_dist_avail_and_initialized():
             return
-        count_total = torch.tensor([self.count, self.total], dtype=torch.float64, device=_comm_device())
+        count_total = torch.tensor([self.count, self.total], dtype=torch.float64, device=comm_device())
         dist.all_reduce(count_total)
         self.count, self.total = int(count_total[0].item()), count_total[1].item()
 

@@ -180,15 +180,16 @@ def sample_pixels(values: np.ndarray, count: int, rng) -> np.ndarray:
     return values[:, np.sort(rng.choice(values.shape[1], count, replace=False))]
 
 
-def estimate_folder_recipe(paths, percentiles, channel_names=None, seed: int = 0) -> dict:
-    """Percentile recipe from a bounded sample of image files: FOLDER_SAMPLE_FILES of them chosen with `seed`, and
-    SAMPLE_PIXELS_PER_CHANNEL / files random pixels of each (read in the stored dtype)."""
+def estimate_folder_recipe(files, percentiles, channel_names=None, seed: int = 0) -> dict:
+    """Percentile recipe from a bounded sample of the image files `files` (a util.filelist.FileList: only the
+    chosen paths are built): FOLDER_SAMPLE_FILES of them chosen with `seed`, and SAMPLE_PIXELS_PER_CHANNEL / files
+    random pixels of each (read in the stored dtype)."""
     from util.io import read_raw_chw  # here, not at the top: util.io imports torch
-    paths = list(paths)
-    if not paths:
+    if not len(files):
         raise DataError("--normalize percentile: no files to estimate the percentiles from")
     rng = np.random.default_rng(seed)
-    chosen = sorted(rng.choice(len(paths), min(FOLDER_SAMPLE_FILES, len(paths)), replace=False))
+    chosen = sorted(rng.choice(len(files), min(FOLDER_SAMPLE_FILES, len(files)), replace=False))
+    paths = {i: files.path(i) for i in chosen}
     per_file = max(1, SAMPLE_PIXELS_PER_CHANNEL // len(chosen))
     parts, channels = [], None
     for i in chosen:

@@ -158,7 +158,8 @@ class PackedCells:
     first use in each process (never pickled), so the object is safe to hand to DataLoader workers.
     """
 
-    def __init__(self, root, split=None, transform=None, require_split: bool = False, require_labels: bool = False):
+    def __init__(self, root, split=None, transform=None, require_split: bool = False, require_labels: bool = False,
+                 table: dict = None):
         self.root = Path(root)
         info = read_dataset_info(self.root)
         if info["layout"] != "packed":
@@ -171,7 +172,7 @@ class PackedCells:
         self.in_chans = len(self.channel_names)
         self.transform = transform
         self.split = split
-        table = read_cell_table(self.root)
+        table = read_cell_table(self.root) if table is None else table  # table: the caller's read of it
         if len(table["index"]) != info["num_cells"]:
             raise DataError(f"{self.root / CELLS_CSV}: {len(table['index'])} rows but dataset.json says "
                             f"{info['num_cells']} cells")
@@ -233,9 +234,12 @@ class PackedCells:
         return table_rows(self.table)
 
 
-def open_packed_dataset(root, args, transform, split, require_split=False, require_labels=False) -> PackedCells:
-    """PackedCells for a training script: checks --in_chans, --channel_names and the crop size against `transform`."""
-    dataset = PackedCells(root, split, transform, require_split=require_split, require_labels=require_labels)
+def open_packed_dataset(root, args, transform, split, require_split=False, require_labels=False,
+                        table=None) -> PackedCells:
+    """PackedCells for a training script: checks --in_chans, --channel_names and the crop size against `transform`.
+    table: the dataset's cells.csv when the caller has read it already."""
+    dataset = PackedCells(root, split, transform, require_split=require_split, require_labels=require_labels,
+                          table=table)
     in_chans = getattr(args, "in_chans", None)
     if in_chans is not None and in_chans != dataset.in_chans:
         raise DataError(f"--data_path {root}: the prepared cells have {dataset.in_chans} channels "
@@ -278,7 +282,7 @@ def describe_folder_dataset(dataset, root, args, estimate: bool):
         raise DataError(f"--channel_names gives {len(flag_names)} names but --in_chans is {dataset.in_chans}")
     recipe = getattr(args, "normalization", None)
     if not is_percentile(recipe) and getattr(args, "normalize", "none") == "percentile" and estimate:
-        recipe = estimate_folder_recipe([path for path, _ in dataset.samples], args.clip_percentiles,
+        recipe = estimate_folder_recipe(dataset.samples, args.clip_percentiles,
                                         channel_names=flag_names, seed=getattr(args, "seed", 0))
         print(f"--normalize percentile: {recipe['sample']['files']} files, {recipe['sample']['pixels_per_channel']:,} "
               f"pixels per channel sampled from {root}")

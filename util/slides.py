@@ -205,7 +205,6 @@ def open_slide(path, select=None, channel_names=None) -> SlideImage:
             slide = open_marker_folder(path, select)
     else:
         slide = open_tiff(path, select)
-    slide.name = file_stem(path)
     if channel_names is not None:
         if len(channel_names) != slide.num_channels:
             slide.close()
@@ -295,7 +294,7 @@ def open_marker_folder(folder: Path, select: dict) -> SlideImage:
         for close in closers:
             close()
         raise
-    slide = SlideImage(folder.name, folder, parts, [file_stem(p) for p in files], closers=closers)
+    slide = SlideImage(file_stem(folder), folder, parts, [file_stem(p) for p in files], closers=closers)
     slide.source_files = [str(p) for p in files]
     return slide
 
